@@ -107,7 +107,7 @@ class Checkpoint:
             raise ConvertError(f"{self.dir}: checkpoint has no tensor {name!r}") from None
 
     def to_f32(self, name: str, rows: slice | np.ndarray | None = None) -> np.ndarray:
-        """f32 copy of a tensor, or of the rows selected on axis 0."""
+        """A tensor (or rows on axis 0) as f32: a view of the mapped file when stored F32, else a copy."""
         return self._file(name).to_f32(name, rows)
 
     def raw(self, name: str) -> np.ndarray:

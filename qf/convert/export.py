@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from qf.convert.archspec import ArchSpec, NameMap, head_permutation, inverse_permutation, shortest_f32, tensor_suffix
+from qf.convert.folder_io import atomic_folder, write_json
 from qf.convert.registry import spec_for_gguf
 from qf.convert.safetensors_io import SafetensorsWriter, f32_to_bf16_bits
 from qf.convert.tokenizer_export import special_ids, write_tokenizer_files
 from qf.format.errors import ConvertError
 from qf.format.reader import GGUFFile, open_gguf
 from qf.format.values import GGUFValueType
-from qf.format.writer import pid_alive
 
 # dtype argument -> (safetensors dtype, f32 -> stored array)
 DTYPES = {
@@ -27,7 +24,6 @@ DTYPES = {
     "float32": ("F32", lambda x: x.astype(np.float32, copy=False)),
 }
 WEIGHTS_NAME = "model.safetensors"
-TMP_MARK = ".tmp-"
 
 
 def read_meta(f: GGUFFile) -> dict[str, Any]:
@@ -100,75 +96,18 @@ def _generation_config(meta: dict[str, Any]) -> dict[str, Any]:
     return {**out, "_from_model_config": False}
 
 
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    """Pretty JSON file."""
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _fsync_tree(d: Path) -> None:
-    """Flush every file of a folder and the folder itself to disk."""
-    for p in d.iterdir():
-        with open(p, "rb") as fh:
-            os.fsync(fh.fileno())
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def remove_stale_temp_dirs(out_dir: Path) -> list[Path]:
-    """Delete '.<name>.tmp-<pid>-<hex>' folders of out_dir left by exports whose process is gone."""
-    removed = []
-    prefix = f".{out_dir.name}{TMP_MARK}"
-    if not out_dir.parent.is_dir():
-        return removed
-    for p in out_dir.parent.iterdir():
-        pid = p.name[len(prefix):].split("-", 1)[0] if p.name.startswith(prefix) else ""
-        if pid.isdigit() and not pid_alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-    return removed
-
-
-def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    """Rename the finished temp folder onto out_dir (replacing it only when overwrite)."""
-    if out_dir.exists() and not overwrite:
-        raise ConvertError(f"{out_dir} already exists (pass overwrite=True to replace it)")
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-        os.rename(out_dir, old)
-    os.rename(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def export_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "float16",
               overwrite: bool = False) -> Path:
     """Dequantize a .qf/.gguf into an HF folder (model.safetensors, config.json, tokenizer and generation config)."""
     if dtype not in DTYPES:
         raise ConvertError(f"unsupported export dtype {dtype!r}; supported: {', '.join(DTYPES)}")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise ConvertError(f"{out_dir} already exists (pass overwrite=True to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_dirs(out_dir)
-    tmp = out_dir.parent / f".{out_dir.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
-        with open_gguf(gguf_path) as f:
-            meta = read_meta(f)
-            spec = spec_for_gguf(str(meta.get("general.architecture")))
-            cfg = _config(f, spec, meta, dtype)  # before the weights: fails fast on what cannot be exported
-            st_dtype, cast = DTYPES[dtype]
-            _write_weights(f, spec, meta, st_dtype, cast, tmp / WEIGHTS_NAME)
-        _write_json(tmp / "config.json", cfg)
-        _write_json(tmp / "generation_config.json", _generation_config(meta))
+    with atomic_folder(out_dir, overwrite) as tmp, open_gguf(gguf_path) as f:
+        meta = read_meta(f)
+        spec = spec_for_gguf(str(meta.get("general.architecture")))
+        cfg = _config(f, spec, meta, dtype)  # before the weights: fails fast on what cannot be exported
+        st_dtype, cast = DTYPES[dtype]
+        _write_weights(f, spec, meta, st_dtype, cast, tmp / WEIGHTS_NAME)
+        write_json(tmp / "config.json", cfg)
+        write_json(tmp / "generation_config.json", _generation_config(meta))
         write_tokenizer_files(meta, tmp, cfg.get("max_position_embeddings") or 2048)
-        _fsync_tree(tmp)
-        _publish(tmp, out_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)

@@ -1,0 +1,121 @@
+"""Residual-stream rotation of a llama-family checkpoint: the same function, with weights on no quantization grid.
+
+An orthogonal Q applied to the residual stream leaves a pre-norm transformer's logits unchanged once each
+RMSNorm weight is folded into the linear layers that read it, because RMSNorm(x Q) = RMSNorm(x) Q (QuaRot,
+Ashkboos et al. 2024, section 4). With x' = x Q (row vectors, HF weights W[out, in], y = x W^T):
+
+    embed'          = embed Q                         [V, H]
+    reader W'       = W diag(norm) Q                  q/k/v, gate/up  [out, H]   (the norm weight becomes 1)
+    writer W'       = Q^T W                           o_proj, down_proj [H, in]
+    lm_head'        = lm_head diag(final_norm) Q      [V, H]   (untied: embed' has no final norm folded in)
+
+Why: the only SmolLM2 weights offline were dequantized from Q4_1, so every block sits on a 4-bit grid that
+re-quantization hits exactly (Q4_1 reproduces it, Q5_1's grid beats against it). A KL divergence table on
+that reference measures aliasing with the grid, not the quantizers. The rotated checkpoint computes the same
+logits (tests/test_rotate.py) with weights on no grid, so it makes a fair reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from qf.convert.checkpoint import Checkpoint
+from qf.convert.folder_io import atomic_folder, write_json
+from qf.convert.safetensors_io import SafetensorsWriter
+from qf.format.errors import ConvertError
+
+# Pre-norm architectures whose norms are plain RMSNorm right before the readers (Gemma's post-norms are not).
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+READERS = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+           "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
+WRITERS = ("self_attn.o_proj", "mlp.down_proj")
+LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+COPIED = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+          "generation_config.json", "added_tokens.json", "vocab.json", "merges.txt")
+WEIGHTS_NAME = "model.safetensors"
+
+
+def random_orthogonal(n: int, seed: int) -> np.ndarray:
+    """Haar-random orthogonal [n, n] float64 matrix (QR of a Gaussian, signs fixed by R's diagonal)."""
+    g = np.random.default_rng(seed).standard_normal((n, n))
+    q, r = np.linalg.qr(g)
+    return q * np.sign(np.diag(r))[None, :]
+
+
+def _check_config(cfg: dict, model_dir: Path) -> None:
+    """Refuse architectures the rotation does not preserve."""
+    arch = (cfg.get("architectures") or ["?"])[0]
+    if arch not in SUPPORTED:
+        raise ConvertError(f"{model_dir}: cannot rotate {arch}; supported: {', '.join(SUPPORTED)}")
+
+
+def _layer_norm(layer: str, proj: str) -> str | None:
+    """Name of the norm weight folded into a reader projection, or None for writers and others."""
+    for norm, readers in READERS.items():
+        if proj in readers:
+            return f"model.layers.{layer}.{norm}.weight"
+    return None
+
+
+def _lm_head(ck: Checkpoint, head: str, q: np.ndarray, final: np.ndarray) -> np.ndarray:
+    """lm_head' = lm_head diag(final_norm) Q, from lm_head or (tied) the original embedding; [V, H]."""
+    return (ck.to_f32(head).astype(np.float64) * final[None, :]) @ q
+
+
+def _rotated(ck: Checkpoint, name: str, q: np.ndarray, final: np.ndarray) -> np.ndarray:
+    """The rotated value of one tensor of the original checkpoint, float64."""
+    if name == "model.embed_tokens.weight":
+        return ck.to_f32(name).astype(np.float64) @ q
+    if name == "model.norm.weight":
+        return np.ones_like(final)
+    m = LAYER.match(name)
+    if m is None:
+        raise ConvertError(f"{ck.dir}: cannot rotate unknown tensor {name!r}")
+    layer, part, kind = m.groups()
+    w = ck.to_f32(name).astype(np.float64)
+    if part in READERS:  # [H] norm weight, folded into its readers
+        return np.ones_like(w)
+    if kind == "bias":  # reader biases act after the rotation; writer biases would need Q^T b
+        return q.T @ w if part in WRITERS else w
+    norm = _layer_norm(layer, part)
+    if norm is not None:
+        return (w * ck.to_f32(norm).astype(np.float64)[None, :]) @ q
+    if part in WRITERS:
+        return q.T @ w
+    raise ConvertError(f"{ck.dir}: cannot rotate unknown tensor {name!r}")
+
+
+def rotate_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, seed: int = 0,
+                      overwrite: bool = False) -> Path:
+    """Write dst: src with its residual stream rotated by a seeded random orthogonal matrix (float32, untied)."""
+    src = Path(src)
+    cfg = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    _check_config(cfg, src)
+    ck = Checkpoint(src)
+    try:
+        names = [n for n in ck.names() if n != "lm_head.weight"]
+        h = int(cfg["hidden_size"])
+        q = random_orthogonal(h, seed)  # [H, H]
+        final = ck.to_f32("model.norm.weight").astype(np.float64)  # [H]
+        head = "lm_head.weight" if "lm_head.weight" in ck else "model.embed_tokens.weight"
+        entries = [(n, "F32", tuple(ck.entry(n).shape)) for n in names]
+        entries.append(("lm_head.weight", "F32", tuple(ck.entry(head).shape)))
+        with atomic_folder(dst, overwrite) as tmp:
+            with SafetensorsWriter(tmp / WEIGHTS_NAME, entries, metadata={"format": "pt"}) as w:
+                for n in names:
+                    w.write(n, _rotated(ck, n, q, final).astype(np.float32))
+                    ck.release(n)
+                w.write("lm_head.weight", _lm_head(ck, head, q, final).astype(np.float32))
+            write_json(tmp / "config.json", {**cfg, "tie_word_embeddings": False, "torch_dtype": "float32"})
+            for f in COPIED:
+                if (src / f).is_file():
+                    shutil.copy(src / f, tmp / f)
+    finally:
+        ck.close()
+    return Path(dst)
