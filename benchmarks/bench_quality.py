@@ -2,14 +2,16 @@
 
     python benchmarks/bench_quality.py [--out bench-out] [--chunks 6] [--ctx 512] [--threads 2] [--types Q8_0,Q4_0]
 
-One run: the SmolLM2 GGUF is exported to a Hugging Face folder (qf.convert.export.export_hf), converted to
-every type qconvert supports today (mixes whose codec is registered), scored with qperplexity on the
-evaluation slice of the Jargon File (F16 is the KLD reference: its logits are saved, every other type is
-compared with them), and timed for prefill/decode. Writes into --out: the .qf files, `results.json`,
-`quality.md` (the table, also printed) and `kld_vs_bpw.png` (needs matplotlib, an optional benchmark
-dependency: `pip install matplotlib`; without it the plot is skipped). Not part of the test suite.
-At the defaults (6 chunks of 512, qbench pp256/tg16 x2) the 16 types of today took 506 s wall (673 s CPU)
-on 2 cores; fewer --chunks or --types make it shorter.
+One run: the SmolLM2 GGUF is exported to a Hugging Face folder (qf.convert.export.export_hf), its residual
+stream is rotated by a seeded random orthogonal matrix (qf.eval.rotate; the same logits, weights on no grid;
+--reference raw skips this), converted to every type qconvert supports today (mixes whose codec is
+registered), scored with qperplexity on the evaluation slice of the Jargon File (F16 is the KLD reference:
+its logits are saved, every other type is compared with them), and timed for prefill/decode (--no-speed skips
+the timing). With the rotated reference, the unrotated F16 is scored too: its KLD shows what the rotation
+itself changes. Writes into --out: the .qf files, `results.json`, `quality.md` (the table, also printed) and
+`kld_vs_bpw.png` (needs matplotlib, an optional benchmark dependency: `pip install matplotlib`; without it the
+plot is skipped). Not part of the test suite. At the defaults (6 chunks of 512, qbench pp256/tg16 x2) the 16
+types took 506 s wall (673 s CPU) on 2 cores; fewer --chunks or --types make it shorter.
 Each qperplexity and qbench run is a child process so that its peak RSS is its own (os.wait4); the table's
 RSS column is qbench's (model loaded, prefill + decode), the evaluation's own peak is in results.json.
 """
@@ -26,11 +28,20 @@ import time
 from pathlib import Path
 
 REFERENCE = "F16"
-CAVEAT = ("Notes: (1) the only SmolLM2 weights at hand are the Q4_1 GGUF, so the F16 reference is that model "
-          "dequantized; re-quantizing to Q4_1 reproduces it almost exactly, which makes Q4_1's KLD ~0 and "
-          "not comparable with the other types' (which pay for both roundings). (2) SmolLM2's n_embd (576) "
-          "is not a multiple of 256, so K types apply only to ffn_down; the other matrices take llama.cpp's "
-          "fallbacks (Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0), see the last column.")
+UNROTATED = "F16 unrotated"
+FALLBACKS = ("SmolLM2's n_embd (576) is not a multiple of 256, so K types apply only to ffn_down (and, untied, "
+             "nothing else); the other matrices take llama.cpp's fallbacks (Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, "
+             "Q5_K -> Q5_1, Q6_K -> Q8_0), see the last column.")
+CAVEAT = {
+    "raw": ("Notes: (1) the only SmolLM2 weights at hand are the Q4_1 GGUF, so the F16 reference is that model "
+            "dequantized; re-quantizing to Q4_1 reproduces it almost exactly, which makes Q4_1's KLD ~0 and "
+            "not comparable with the other types' (which pay for both roundings), and Q5_1's 31-step grid beats "
+            "against the 15-step one (worse than Q5_0). (2) " + FALLBACKS),
+    "rotated": ("Notes: (1) the reference is SmolLM2 (dequantized from its Q4_1 GGUF) with its residual stream "
+                "rotated by a random orthogonal matrix (qf.eval.rotate, seed 0): the same function (see the "
+                f"'{UNROTATED}' row, scored against it) with weights on no quantization grid, and an untied "
+                "lm_head (the final norm is folded into it), hence the larger files. (2) " + FALLBACKS),
+}
 # Skipped unless named in --types: F32 is the unquantized upcast, twice the reference's size.
 SKIP_BY_DEFAULT = ("F32",)
 
@@ -53,21 +64,24 @@ def run_child(cmd: list[str], log: Path) -> tuple[int, float, int]:
     return proc.returncode, time.perf_counter() - t0, usage.ru_maxrss * 1024
 
 
-def export_reference(out: Path) -> tuple[Path, float]:
-    """SmolLM2 GGUF -> HF folder (f32 weights, so no type is favoured by a rounding step); seconds taken."""
+def export_reference(out: Path, reference: str) -> tuple[Path, Path, float]:
+    """SmolLM2 GGUF -> HF folder (f32 weights), rotated unless reference is 'raw'; (hf, raw hf, seconds)."""
     from qf.convert.export import export_hf
+    from qf.eval.rotate import rotate_checkpoint
     from qf.tools.fetch import fetch_model
     t0 = time.perf_counter()
-    hf = export_hf(fetch_model(), out / "hf", dtype="float32", overwrite=True)
-    return hf, time.perf_counter() - t0
+    raw = export_hf(fetch_model(), out / "hf-raw", dtype="float32", overwrite=True)
+    hf = raw if reference == "raw" else rotate_checkpoint(raw, out / "hf-rotated", seed=0, overwrite=True)
+    return hf, raw, time.perf_counter() - t0
 
 
-def convert_all(hf: Path, out: Path, types: list[str]) -> dict[str, dict]:
-    """Convert to each type in-process; file size, bits per weight and convert seconds per type."""
+def convert_all(hf: Path, out: Path, types: list[str], raw: Path | None) -> dict[str, dict]:
+    """Convert to each type in-process (and raw to F16 as UNROTATED); size, bits/weight, convert seconds."""
     from qf.convert.pipeline import convert
     rows = {}
-    for t in types:
-        s = convert(hf, out / f"smollm2-{t}.qf", t)
+    jobs = [(t, hf, t) for t in types] + ([(UNROTATED, raw, REFERENCE)] if raw is not None else [])
+    for t, src, qtype in jobs:
+        s = convert(src, out / f"smollm2-{t.replace(' ', '-')}.qf", qtype)
         rows[t] = {"path": str(s.path), "file_bytes": s.file_bytes, "bpw": s.bits_per_weight,
                    "convert_s": s.seconds, "types": dict(s.types)}
         print(f"converted {t}: {s.file_bytes / 2**20:.1f} MiB, {s.bits_per_weight:.2f} bpw, {s.seconds:.1f} s",
@@ -78,13 +92,14 @@ def convert_all(hf: Path, out: Path, types: list[str]) -> dict[str, dict]:
 def score(model: Path, t: str, out: Path, args: argparse.Namespace, text: Path) -> dict:
     """qperplexity on one model: saves the reference logits (F16) or compares against them."""
     ref_logits = out / "reference.logits"
-    js = out / f"ppl-{t}.json"
+    js = out / f"ppl-{t.replace(' ', '-')}.json"
     cmd = [sys.executable, "-m", "qf.tools.qperplexity", str(model), "-f", str(text), "-c", str(args.ctx),
            "--chunks", str(args.chunks), "-t", str(args.threads), "--json", str(js)]
     cmd += ["--save-logits", str(ref_logits)] if t == REFERENCE else ["--kl-divergence", str(ref_logits)]
-    rc, secs, rss = run_child(cmd, out / f"ppl-{t}.log")
+    log = out / f"ppl-{t.replace(' ', '-')}.log"
+    rc, secs, rss = run_child(cmd, log)
     if rc != 0:
-        raise SystemExit(f"qperplexity failed for {t} (exit {rc}); see {out / f'ppl-{t}.log'}")
+        raise SystemExit(f"qperplexity failed for {t} (exit {rc}); see {log}")
     res = json.loads(js.read_text())
     res.update(eval_s=secs, eval_rss=rss)
     return res
@@ -92,6 +107,9 @@ def score(model: Path, t: str, out: Path, args: argparse.Namespace, text: Path) 
 
 def speed(model: Path, t: str, out: Path, args: argparse.Namespace) -> dict:
     """Prefill (ppN) and decode (tgN) tokens/s from qbench, and that child's peak RSS (loaded model + run)."""
+    if not args.speed:
+        return {"prefill_tps": float("nan"), "decode_tps": float("nan"), "rss": float("nan")}
+    t = t.replace(" ", "-")
     js = out / f"speed-{t}.json"
     cmd = [sys.executable, "-m", "qf.tools.qbench", str(model), "-p", str(args.prefill), "-n", str(args.decode),
            "-r", str(args.reps), "-t", str(args.threads), "-b", str(args.prefill), "--json", str(js)]
@@ -105,6 +123,11 @@ def speed(model: Path, t: str, out: Path, args: argparse.Namespace) -> dict:
 def _type_counts(types: dict[str, int]) -> str:
     """'Q5_0 x180, Q4_K x30' for the 2-D tensors (1-D norms are F32 in every type)."""
     return ", ".join(f"{t} x{n}" for t, n in sorted(types.items(), key=lambda kv: -kv[1]) if t != "F32")
+
+
+def _num(v: float, fmt: str) -> str:
+    """A formatted figure, or '-' when it was not measured (NaN)."""
+    return "-" if v != v else format(v, fmt)
 
 
 def table(rows: list[dict], args: argparse.Namespace) -> str:
@@ -121,9 +144,10 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
         lnr = "0" if ref else f"{r['ln_ppl_ratio']:+.5f}"
         lines.append(f"| {r['type']} | {r['file_bytes'] / 2**20:.1f} | {r['bpw']:.2f} | {r['convert_s']:.1f} | "
                      f"{r['ppl']:.4f} ± {r['ppl_err']:.4f} | {lnr} | {kld} | {top} | "
-                     f"{r['prefill_tps']:.1f} | {r['decode_tps']:.1f} | {r['rss'] / 2**20:.0f} | "
+                     f"{_num(r['prefill_tps'], '.1f')} | {_num(r['decode_tps'], '.1f')} | "
+                     f"{_num(r['rss'] / 2**20, '.0f')} | "
                      f"{_type_counts(r['types'])} |")
-    lines += ["", CAVEAT]
+    lines += ["", CAVEAT[args.reference]]
     return "\n".join(lines) + "\n"
 
 
@@ -166,6 +190,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--prefill", type=int, default=256, help="qbench prompt tokens (ppN)")
     ap.add_argument("--decode", type=int, default=16, help="qbench generated tokens (tgN)")
     ap.add_argument("--reps", type=int, default=2, help="qbench repetitions (median)")
+    ap.add_argument("--reference", choices=sorted(CAVEAT), default="rotated",
+                    help="rotated (default): the SmolLM2 weights rotated off their Q4_1 grid; raw: as dequantized")
+    ap.add_argument("--no-speed", dest="speed", action="store_false", help="skip the qbench timing")
     return ap.parse_args()
 
 
@@ -196,11 +223,11 @@ def main() -> None:
     types, out = select_types(args.types), args.out
     out.mkdir(parents=True, exist_ok=True)
     text = write_slice("evaluation", out / "eval.txt")
-    hf, export_s = export_reference(out)
+    hf, raw, export_s = export_reference(out, args.reference)
     print(f"exported HF folder in {export_s:.1f} s; types: {', '.join(types)}", file=sys.stderr)
-    conv = convert_all(hf, out, types)
+    conv = convert_all(hf, out, types, None if args.reference == "raw" else raw)
     rows = []
-    for t in types:
+    for t in conv:
         model = Path(conv[t]["path"])
         rows.append({"type": t, **conv[t], **score(model, t, out, args, text), **speed(model, t, out, args)})
         print(f"{t}: PPL {rows[-1]['ppl']:.4f}" + ("" if t == REFERENCE else f", KLD {rows[-1]['kld']:.5f}")

@@ -168,16 +168,15 @@ def weights_writer() -> Callable[..., None]:
     return write_weights
 
 
-@pytest.fixture
-def tiny_checkpoint(tmp_path: Path, tiny_bpe_json: dict[str, Any], tiny_spm_model: Path) -> Callable[..., Path]:
-    """Factory: a tiny random llama-family checkpoint folder (config, weights, tokenizer)."""
+def checkpoint_factory(root: Path, tiny_bpe_json: dict[str, Any], tiny_spm_model: Path) -> Callable[..., Path]:
+    """Factory writing tiny random llama-family checkpoint folders (config, weights, tokenizer) under root."""
     counter = [0]
 
     def make(arch: str = "LlamaForCausalLM", dtype: str = "F32", tied: bool = True, shards: int = 1,
              tokenizer: str = "bpe", bias: bool = False, layers: int = 2, config: dict[str, Any] | None = None,
              seed: int = 0) -> Path:
         counter[0] += 1
-        d = tmp_path / f"ckpt{counter[0]}"
+        d = root / f"ckpt{counter[0]}"
         d.mkdir()
         if tokenizer == "bpe":
             (d / "tokenizer.json").write_text(json.dumps(tiny_bpe_json), encoding="utf-8")
@@ -200,3 +199,16 @@ def tiny_checkpoint(tmp_path: Path, tiny_bpe_json: dict[str, Any], tiny_spm_mode
         return d
 
     return make
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path: Path, tiny_bpe_json: dict[str, Any], tiny_spm_model: Path) -> Callable[..., Path]:
+    """Factory: a tiny random llama-family checkpoint folder (config, weights, tokenizer)."""
+    return checkpoint_factory(tmp_path, tiny_bpe_json, tiny_spm_model)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint_module(tmp_path_factory: pytest.TempPathFactory, tiny_bpe_json: dict[str, Any],
+                           tiny_spm_model: Path) -> Callable[..., Path]:
+    """tiny_checkpoint for module-scoped fixtures (folders shared by the module's tests)."""
+    return checkpoint_factory(tmp_path_factory.mktemp("ckpt"), tiny_bpe_json, tiny_spm_model)

@@ -1,0 +1,89 @@
+"""Our qquantize against llama.cpp's own llama-quantize: the same F16 input gives byte-identical tensors.
+
+Skipped unless QF_LLAMA_QUANTIZE names a llama-quantize binary. To build one offline from the
+llama-cpp-python sdist on PyPI (its vendor/llama.cpp is the full source):
+
+    pip download --no-deps --no-binary :all: llama-cpp-python && tar xzf llama_cpp_python-*.tar.gz
+    cd llama_cpp_python-*/vendor/llama.cpp && cmake -B build -DLLAMA_CURL=OFF -DGGML_OPENMP=OFF \\
+        && cmake --build build --target llama-quantize -j2          # ~10 min on 2 cores
+    export QF_LLAMA_QUANTIZE=$PWD/build/bin/llama-quantize
+
+Two inputs: SmolLM2-135M as F16 (rows of 576: most matrices take llama.cpp's fallbacks) and a random
+llama whose rows are multiples of 256 (every matrix takes the K type the mix names).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qf.convert.pipeline import convert
+from qf.format.checksum import RESERVED_KEYS
+from qf.format.ggml_types import GGMLType
+from qf.format.reader import open_gguf
+from qf.quant.codecs import registered_types
+from qf.quant.mixes import Overrides, get_mix, mix_names
+from qf.quant.requantize import requantize
+
+LLAMA_QUANTIZE = os.environ.get("QF_LLAMA_QUANTIZE")
+pytestmark = pytest.mark.skipif(not (LLAMA_QUANTIZE and os.access(LLAMA_QUANTIZE, os.X_OK)),
+                                reason="set QF_LLAMA_QUANTIZE to a llama-quantize binary to compare with llama.cpp")
+TYPES = [t for t in mix_names() if get_mix(t).default in set(registered_types()) and t not in ("F32", "F16", "BF16")]
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory, smollm2_hf, tiny_checkpoint_module) -> dict[str, Path]:
+    """F16 .qf inputs: SmolLM2 and a 256-aligned random llama."""
+    d = tmp_path_factory.mktemp("lq-src")
+    aligned = tiny_checkpoint_module(config={"hidden_size": 256, "intermediate_size": 512,
+                                             "num_attention_heads": 4, "num_key_value_heads": 2}, layers=4)
+    out = {}
+    for name, src in (("smollm2", smollm2_hf), ("aligned", aligned)):
+        out[name] = convert(src, d / f"{name}-f16.qf", "F16").path
+    return out
+
+
+def _llama_quantize(src: Path, dst: Path, qtype: str, args: list[str]) -> None:
+    """Run llama-quantize (1 thread); its log goes into the assertion message on failure."""
+    r = subprocess.run([LLAMA_QUANTIZE, *args, str(src), str(dst), qtype, "1"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def _compare(theirs: Path, ours: Path) -> None:
+    """Same tensors (by name: llama.cpp reorders them), types and bytes; same metadata but our checksums."""
+    a, b = open_gguf(theirs), open_gguf(ours)
+    try:
+        assert set(a.tensors) == set(b.tensors)
+        bad = [n for n, t in a.tensors.items()
+               if t.type != b.tensors[n].type or not np.array_equal(a.raw(n), b.raw(n))]
+        assert not bad, f"{len(bad)} tensors differ, e.g. {bad[:5]}"
+        keys = (set(a.meta.keys()) | set(b.meta.keys())) - RESERVED_KEYS
+        diff = [k for k in sorted(keys) if k not in a.meta or k not in b.meta
+                or str(a.meta.raw(k)[1]) != str(b.meta.raw(k)[1])]
+        assert not diff, f"metadata differs: {diff}"
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("model", ["smollm2", "aligned"])
+def test_mix_bytes_equal_llama_quantize(sources, tmp_path, model, qtype):
+    _llama_quantize(sources[model], tmp_path / "lc.gguf", qtype, [])
+    requantize(sources[model], tmp_path / "ours.qf", qtype)
+    _compare(tmp_path / "lc.gguf", tmp_path / "ours.qf")
+
+
+@pytest.mark.parametrize("args,overrides", [
+    (["--pure"], Overrides(pure=True)),
+    (["--tensor-type", "attn_v=q8_0", "--tensor-type", "ffn_down=q5_k"],
+     Overrides(tensor_types=(("attn_v", GGMLType.Q8_0), ("ffn_down", GGMLType.Q5_K)))),
+])
+def test_options_bytes_equal_llama_quantize(sources, tmp_path, args, overrides):
+    _llama_quantize(sources["aligned"], tmp_path / "lc.gguf", "Q4_K_M", args)
+    requantize(sources["aligned"], tmp_path / "ours.qf", "Q4_K_M", overrides)
+    _compare(tmp_path / "lc.gguf", tmp_path / "ours.qf")
