@@ -1,6 +1,11 @@
 """CPU runtime speed on SmolLM2-135M: prompt (pp) and generation (tg) tokens/s, and the Python overhead.
 
     python benchmarks/bench_runtime.py [--threads 1,2] [-p 128] [-n 64] [-r 3] [--types Q4_0,Q4_1] [--baseline]
+    python benchmarks/bench_runtime.py --paired 15 --types Q4_0,Q4_K_M --threads 2 -n 64
+
+--paired R times decode (tgN) only, all models loaded at once, in R rounds that run every type once each
+(A B A B ...), and prints each type's decode speed over the first type's as the median of the R per-round
+ratios: on a shared machine, load that drifts over minutes then hits both sides of each ratio alike.
 
 --baseline adds, in the same run, a plain-numpy baseline for each type: the same model with every matrix
 product done as "dequantize the weight with the codec, then x @ W.T" (numpy/OpenBLAS) on every call.
@@ -116,6 +121,35 @@ def decode_overhead(model: Any, n: int = 32) -> tuple[float, float]:
     return 1000 * total / n, 1.0 - kt.seconds / total
 
 
+def paired_decode(types: list[str], threads: int, n_gen: int, rounds: int) -> None:
+    """Decode tokens/s of each type, interleaved round by round; ratios to the first type per round."""
+    import numpy as np
+
+    from qf.runtime import Model
+    from qf.tools.qbench import time_generation
+
+    rng = np.random.default_rng(0)
+    models = {t: Model.load(model_file(t), n_ctx=max(n_gen, 64), n_threads=threads) for t in types}
+    try:
+        ids = [rng.integers(0, m.n_vocab, size=n_gen).tolist() for m in models.values()][0]
+        for m in models.values():
+            time_generation(m.engine, ids[:8])  # warm-up (compiles, faults the weights in)
+        tps: dict[str, list[float]] = {t: [] for t in types}
+        for _ in range(rounds):
+            for t, m in models.items():
+                tps[t].append(n_gen / time_generation(m.engine, ids))
+    finally:
+        for m in models.values():
+            m.close()
+    base = tps[types[0]]
+    print(f"| type | decode tg{n_gen} t/s (median of {rounds}) | vs {types[0]} (median of per-round ratios) "
+          f"| min - max ratio |\n|---|---|---|---|")
+    for t in types:
+        r = [a / b for a, b in zip(tps[t], base)]
+        print(f"| {t} | {statistics.median(tps[t]):.1f} | {statistics.median(r):.3f}x | "
+              f"{min(r):.3f} - {max(r):.3f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--types", default="Q4_0,Q4_1", help="comma-separated model types")
@@ -125,7 +159,13 @@ def main() -> None:
     ap.add_argument("-r", "--repetitions", type=int, default=3)
     ap.add_argument("-b", "--batch-size", type=int, default=128)
     ap.add_argument("--baseline", action="store_true", help="also time the plain-numpy baseline")
+    ap.add_argument("--paired", type=int, metavar="R", default=0,
+                    help="decode only, R interleaved rounds; ratios to the first --types entry")
     args = ap.parse_args()
+    if args.paired:
+        for threads in (int(t) for t in args.threads.split(",")):
+            paired_decode([t.strip() for t in args.types.split(",")], threads, args.n_gen, args.paired)
+        return
 
     from qf.runtime import Model
 

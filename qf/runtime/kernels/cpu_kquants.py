@@ -17,8 +17,8 @@ from numba import njit
 
 from qf.format.ggml_types import QK_K, GGMLType, type_size
 from qf.runtime.kernels.cpu_decoder import FASTMATH, UNIT, Decoder
-from qf.runtime.kernels.cpu_simd import (byte_fields, f16_at, ld_bits, ld_bits2, ld_i8, vfma, vhalves, vlane,
-                                         vmul, vsplat)
+from qf.runtime.kernels.cpu_simd import (byte_fields, f16_at, ld_bits, ld_bits2_x2, ld_bits_flag_x2, ld_i8, vfma, vhalves,
+                                         vlane, vmul, vsplat)
 
 _JIT = dict(inline="always", fastmath=FASTMATH, cache=True)
 _SUB = QK_K // UNIT  # units (32-element sub-blocks) per super-block
@@ -88,9 +88,8 @@ def unit_q3_k(row, b, j, h):
     o = _B_Q3_K * b
     q = o + 32 + 32 * (j // 4)
     sh = 2 * (j % 4)
-    v0 = vmul(ld_bits2(row, q, sh, 3, o, j, 1, 2, 4), vlane(h, 2 * j))
-    v1 = vmul(ld_bits2(row, q + 16, sh, 3, o + 16, j, 1, 2, 4), vlane(h, 2 * j + 1))
-    return v0, v1
+    q0, q1 = ld_bits_flag_x2(row, q, sh, 3, o, j, 4, 4)
+    return vmul(q0, vlane(h, 2 * j)), vmul(q1, vlane(h, 2 * j + 1))
 
 
 @njit(**_JIT)
@@ -129,8 +128,8 @@ def unit_q5_k(row, b, j, h):
     sh = 4 * (j % 2)
     vd = vlane(h, j)
     vm = vlane(h, j + 8)
-    return (vfma(ld_bits2(row, q, sh, 15, o + 16, j, 1, 4, 0), vd, vm),
-            vfma(ld_bits2(row, q + 16, sh, 15, o + 32, j, 1, 4, 0), vd, vm))
+    q0, q1 = ld_bits_flag_x2(row, q, sh, 15, o + 16, j, 16, 0)
+    return vfma(q0, vd, vm), vfma(q1, vd, vm)
 
 
 @njit(**_JIT)
@@ -148,9 +147,8 @@ def unit_q6_k(row, b, j, h):
     s = j % 4
     ql = o + 64 * hh + 32 * (s % 2)
     qh = o + 128 + 32 * hh
-    v0 = vmul(ld_bits2(row, ql, 4 * (s // 2), 15, qh, 2 * s, 3, 4, 32), vlane(h, 2 * j))
-    v1 = vmul(ld_bits2(row, ql + 16, 4 * (s // 2), 15, qh + 16, 2 * s, 3, 4, 32), vlane(h, 2 * j + 1))
-    return v0, v1
+    q0, q1 = ld_bits2_x2(row, ql, 4 * (s // 2), 15, qh, 2 * s, 3, 4, 32)
+    return vmul(q0, vlane(h, 2 * j)), vmul(q1, vlane(h, 2 * j + 1))
 
 
 DECODERS = {

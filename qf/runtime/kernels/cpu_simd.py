@@ -59,7 +59,8 @@ def _elem_ptr(context, builder, aryty, ary, idx, elem_ty):
 def _splat(builder, scalar, vty):
     """Broadcast a scalar into every lane of vty."""
     v = builder.insert_element(ir.Constant(vty, ir.Undefined), scalar, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), ir.Constant(_VI32, [0] * LANES))
+    mask = ir.VectorType(_I32, vty.count)
+    return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), ir.Constant(mask, [0] * vty.count))
 
 
 def _as(context, builder, val, fromty, toty):
@@ -247,25 +248,73 @@ def ld_bits(typingctx, row, off, shift, mask):
     return f32x16(row, off, shift, mask), codegen
 
 
+_VI8x32 = ir.VectorType(ir.IntType(8), 2 * LANES)
+
+
+def _bytes_field32(context, builder, sig, args, which):
+    """((bytes >> shift) & mask) of the 32 bytes at (array, offset, shift, mask) args[which:], as <32 x i8>."""
+    off = _as(context, builder, args[which + 1], sig.args[which + 1], types.intp)
+    q = builder.load(_elem_ptr(context, builder, sig.args[which], args[which], off, _VI8x32), align=1)
+    sh = _as(context, builder, args[which + 2], sig.args[which + 2], types.int8)
+    mk = _as(context, builder, args[which + 3], sig.args[which + 3], types.int8)
+    return builder.and_(builder.lshr(q, _splat(builder, sh, _VI8x32)), _splat(builder, mk, _VI8x32))
+
+
+def _widen_halves(builder, q):
+    """<32 x i8> (signed) -> [f32x16 of bytes 0-15, f32x16 of bytes 16-31]."""
+    out = []
+    for k in range(2):
+        part = builder.shuffle_vector(q, ir.Constant(_VI8x32, ir.Undefined),
+                                      ir.Constant(_VI32, list(range(16 * k, 16 * k + 16))))
+        out.append(builder.sitofp(builder.sext(part, _VI32), _VF))
+    return out
+
+
 @intrinsic
-def ld_bits2(typingctx, row, off_a, shift_a, mask_a, off_b, shift_b, mask_b, up, bias):
-    """Lane i = (fa | fb << up) - bias as f32, with fa = (row[off_a+i] >> shift_a) & mask_a, fb likewise."""
+def ld_bits2_x2(typingctx, row, off_a, shift_a, mask_a, off_b, shift_b, mask_b, up, bias):
+    """Lane i of 32 = (fa | fb << up) - bias, with fa = (row[off_a+i] >> shift_a) & mask_a and fb likewise,
+    returned as two f32x16 (lanes 0-15, 16-31).
+
+    The fields are combined in 8-bit lanes (32 elements per operation instead of 16) and widened once;
+    every K-quant value fits a signed byte: (fa | fb << up) < 128 and minus bias >= -64.
+    """
     def codegen(context, builder, sig, args):
-        lo = _byte_field(context, builder, sig, args, 0)
-        hi = _byte_field(context, builder, sig.replace(args=(sig.args[0],) + sig.args[4:7]),
-                         (args[0],) + tuple(args[4:7]), 0)
-        u = _as(context, builder, args[7], sig.args[7], types.int32)
-        bias = _as(context, builder, args[8], sig.args[8], types.int32)
-        q = builder.or_(lo, builder.shl(hi, _splat(builder, u, _VI32)))
-        return builder.sitofp(builder.sub(q, _splat(builder, bias, _VI32)), _VF)
-    return f32x16(row, off_a, shift_a, mask_a, off_b, shift_b, mask_b, up, bias), codegen
+        lo = _bytes_field32(context, builder, sig, args, 0)
+        hi = _bytes_field32(context, builder, sig.replace(args=(sig.args[0],) + sig.args[4:7]),
+                            (args[0],) + tuple(args[4:7]), 0)
+        u = _as(context, builder, args[7], sig.args[7], types.int8)
+        bias = _as(context, builder, args[8], sig.args[8], types.int8)
+        q = builder.sub(builder.or_(lo, builder.shl(hi, _splat(builder, u, _VI8x32))),
+                        _splat(builder, bias, _VI8x32))
+        return context.make_tuple(builder, sig.return_type, _widen_halves(builder, q))
+    return types.UniTuple(f32x16, 2)(row, off_a, shift_a, mask_a, off_b, shift_b, mask_b, up, bias), codegen
+
+
+@intrinsic
+def ld_bits_flag_x2(typingctx, row, off_a, shift_a, mask_a, off_b, bit, value, bias):
+    """Two f32x16 (bytes 0-15, 16-31): fa + (bit `bit` of row[off_b+i] set ? value : 0) - bias per lane,
+    with fa = (row[off_a+i] >> shift_a) & mask_a. In 8-bit lanes; the flag is a byte test (a lane mask)."""
+    def codegen(context, builder, sig, args):
+        lo = _bytes_field32(context, builder, sig, args, 0)
+        off = _as(context, builder, args[4], sig.args[4], types.intp)
+        hb = builder.load(_elem_ptr(context, builder, sig.args[0], args[0], off, _VI8x32), align=1)
+        i8 = ir.IntType(8)
+        one = builder.shl(ir.Constant(i8, 1), _as(context, builder, args[5], sig.args[5], types.int8))
+        flag = builder.icmp_unsigned("!=", builder.and_(hb, _splat(builder, one, _VI8x32)),
+                                     ir.Constant(_VI8x32, None))
+        val = _splat(builder, _as(context, builder, args[6], sig.args[6], types.int8), _VI8x32)
+        bias = _splat(builder, _as(context, builder, args[7], sig.args[7], types.int8), _VI8x32)
+        q = builder.sub(builder.add(lo, builder.select(flag, val, ir.Constant(_VI8x32, None))), bias)
+        return context.make_tuple(builder, sig.return_type, _widen_halves(builder, q))
+    return types.UniTuple(f32x16, 2)(row, off_a, shift_a, mask_a, off_b, bit, value, bias), codegen
 
 
 @intrinsic
 def ld_nib_qh(typingctx, row, off_qs, shift, off_qh, bit0):
     """Lane i = ((row[off_qs+i] >> shift) & 15) | (bit (bit0 + i) of the LE u32 at off_qh) << 4, as f32.
 
-    The 5-bit quants of Q5_0/Q5_1: 4 bits in a nibble, the fifth in a 32-bit mask per block.
+    The 5-bit quants of Q5_0/Q5_1: 4 bits in a nibble, the fifth in a 32-bit mask per block. bit0 is 0 or
+    16: the 16 mask bits become a <16 x i1> lane mask (one k-register move on AVX-512) that selects 16.
     """
     def codegen(context, builder, sig, args):
         lo = _byte_field(context, builder, sig.replace(args=sig.args[:3] + (types.int32,)),
@@ -273,9 +322,10 @@ def ld_nib_qh(typingctx, row, off_qs, shift, off_qh, bit0):
         o = _as(context, builder, args[3], sig.args[3], types.intp)
         qh = builder.load(_elem_ptr(context, builder, sig.args[0], args[0], o, _I32), align=1)
         b0 = _as(context, builder, args[4], sig.args[4], types.int32)
-        sh = builder.add(_splat(builder, b0, _VI32), ir.Constant(_VI32, list(range(LANES))))
-        bit = builder.and_(builder.lshr(_splat(builder, qh, _VI32), sh), _splat(builder, ir.Constant(_I32, 1), _VI32))
-        return builder.uitofp(builder.or_(lo, builder.shl(bit, _splat(builder, ir.Constant(_I32, 4), _VI32))), _VF)
+        bits = builder.trunc(builder.lshr(qh, b0), ir.IntType(16))
+        mask = builder.bitcast(bits, ir.VectorType(ir.IntType(1), LANES))
+        hi = builder.select(mask, _splat(builder, ir.Constant(_I32, 16), _VI32), ir.Constant(_VI32, None))
+        return builder.uitofp(builder.or_(lo, hi), _VF)
     return f32x16(row, off_qs, shift, off_qh, bit0), codegen
 
 
