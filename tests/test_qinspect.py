@@ -94,3 +94,43 @@ def test_real_model():
               "eos: 2 '<|im_end|>'", "chat template: yes", "tensors (272):", "Q4_1 x210, F32 x61, Q8_0 x1",
               "token_embd.weight", "49152x576", "no checksums recorded"):
         assert s in out, s
+
+
+def _rewrite_like_llama_quantize(src, dst) -> None:
+    """gguf-py copies every key (ours included) and writes the tensors in another order, one retyped:
+    what llama-quantize does to a .qf it quantizes."""
+    import gguf
+
+    with open_gguf(src) as f:
+        w = gguf.GGUFWriter(str(dst), arch="llama")
+        for k in f.meta.keys():
+            vtype, value = f.meta.raw(k)
+            if k != "general.architecture":
+                et = f.meta.elem_type(k)
+                sub = None if et is None else gguf.GGUFValueType(int(et))
+                w.add_key_value(k, value.tolist() if isinstance(value, np.ndarray) else value,
+                                gguf.GGUFValueType(int(vtype)), sub_type=sub)
+        w.add_tensor("blk.0.attn_norm.weight", np.ones(64, np.float32))
+        w.add_tensor("blk.0.attn_q.weight", np.zeros((4, 64), np.float16))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+
+def test_checksums_copied_by_a_rewriting_tool_are_called_stale_not_corrupt(tmp_path):
+    from qf.format.errors import FormatError
+
+    src, dst = tmp_path / "m.qf", tmp_path / "requantized.gguf"
+    _small(src)
+    _rewrite_like_llama_quantize(src, dst)
+    with open_gguf(dst) as f:
+        assert f.has_checksums and f.checksums_stale
+        with pytest.raises(FormatError, match="different tensor table"):
+            f.verify()
+    r = run(str(dst), "--verify", "--no-tensors")
+    assert r.exit_code == 0, r.output
+    assert "checksums: stale" in r.output and "nothing to verify" in r.output
+    assert "checksum mismatch" not in r.output
+    with open_gguf(src) as f:  # the original is not stale
+        assert not f.checksums_stale and f.verify() == []

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
-from qf.format.checksum import CRC_KEY, crc32
+from qf.format.checksum import CRC_KEY, TABLE_KEY, crc32, tensor_table_crc
 from qf.format.errors import FormatError
 from qf.format.ggml_types import BLOCK, GGMLType
 from qf.format.values import (
@@ -582,8 +582,24 @@ class GGUFFile:
                               path=self.path, field=CRC_KEY, offset=self.meta.offset(CRC_KEY))
         return crcs
 
+    @property
+    def checksums_stale(self) -> bool:
+        """True when the CRCs were recorded for another tensor table: a tool rewrote the tensors and copied
+        our qf.* keys along (llama-quantize does), so they describe some other file and cannot be checked."""
+        if TABLE_KEY not in self.meta:
+            return False  # files written before the key existed: checked as they are
+        want = self.meta.get_int(TABLE_KEY)
+        have = tensor_table_crc((t.name, t.ne, t.type, t.offset - self.data_offset) for t in self.tensors.values())
+        return have != want
+
     def verify(self) -> list[str]:
-        """Names of tensors whose CRC-32 does not match the recorded one ([] when all pass)."""
+        """Names of tensors whose CRC-32 does not match the recorded one ([] when all pass).
+
+        FormatError when there are no checksums, or when they are stale (see checksums_stale)."""
+        if self.checksums_stale:
+            raise FormatError(f"{CRC_KEY} was recorded for a different tensor table: the file was rewritten "
+                              "by a tool that copied the qf.* keys (e.g. llama-quantize), so its tensors "
+                              "cannot be checked against them", path=self.path, field=TABLE_KEY)
         data = self._data()
         return [ti.name for ti, want in zip(self.tensors.values(), self.checksums().tolist())
                 if crc32(data[ti.offset:ti.offset + ti.nbytes]) != want]

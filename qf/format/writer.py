@@ -17,7 +17,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from qf.format.checksum import ALGORITHM, ALGORITHM_KEY, CRC_KEY, RESERVED_KEYS, crc32
+from qf.format.checksum import ALGORITHM, ALGORITHM_KEY, CRC_KEY, RESERVED_KEYS, TABLE_KEY, crc32, tensor_table_crc
 from qf.format.errors import FormatError
 from qf.format.ggml_types import BLOCK, GGMLType
 from qf.format.values import (
@@ -391,6 +391,8 @@ class QFWriter:
         kvs.extend(self._kv.items())
         if self.checksums:
             kvs.append((ALGORITHM_KEY, _U32.pack(V.STRING) + _encode_string(ALGORITHM)))
+            table = tensor_table_crc((t.name, t.ne, t.type, t.rel_offset) for t in self._tensors)
+            kvs.append((TABLE_KEY, _U32.pack(V.UINT32) + _U32.pack(table)))
             reserved = np.zeros(len(self._tensors), dtype="<u4")
             kvs.append((CRC_KEY, _U32.pack(V.ARRAY) + _encode_array(reserved, V.UINT32)))
         return kvs

@@ -115,8 +115,10 @@ def report(f: GGUFFile, show_tensors: bool = True) -> str:
     if show_tensors:
         out += [f"tensors ({len(f.tensors)}):", *tensor_lines(f)]
     out += ["totals:", *total_lines(f)]
-    out.append("checksums: " + (f"crc32 for {len(f.tensors)} tensors ({CRC_KEY}); --verify checks them"
-                                if f.has_checksums else "none recorded"))
+    out.append("checksums: " + ("none recorded" if not f.has_checksums else
+                                "stale (recorded for another tensor table; copied by a rewriting tool)"
+                                if f.checksums_stale else
+                                f"crc32 for {len(f.tensors)} tensors ({CRC_KEY}); --verify checks them"))
     return "\n".join(out)
 
 
@@ -124,6 +126,10 @@ def verify(f: GGUFFile) -> int:
     """Recompute the checksums, print the result; exit code 0 (pass or none recorded) or 1 (mismatch)."""
     if not f.has_checksums:
         click.echo(f"verify: no checksums recorded ({CRC_KEY} absent): nothing to verify")
+        return 0
+    if f.checksums_stale:
+        click.echo(f"verify: the checksums ({CRC_KEY}) were recorded for a different tensor table: this file "
+                   "was rewritten by a tool that copied the qf.* keys along (e.g. llama-quantize); nothing to verify")
         return 0
     bad = f.verify()
     for name in bad:
