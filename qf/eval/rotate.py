@@ -81,8 +81,8 @@ def _rotated(ck: Checkpoint, name: str, q: np.ndarray, final: np.ndarray) -> np.
     w = ck.to_f32(name).astype(np.float64)
     if part in READERS:  # [H] norm weight, folded into its readers
         return np.ones_like(w)
-    if kind == "bias":  # reader biases act after the rotation; writer biases would need Q^T b
-        return q.T @ w if part in WRITERS else w
+    if kind == "bias":  # a reader's bias lives in its output space (unrotated); a writer's joins the residual
+        return q.T @ w if part in WRITERS else w  # b' = b Q as a row vector
     norm = _layer_norm(layer, part)
     if norm is not None:
         return (w * ck.to_f32(norm).astype(np.float64)[None, :]) @ q
