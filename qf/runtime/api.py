@@ -19,6 +19,7 @@ from qf.runtime.chat import ChatTemplate, chat_template_from_metadata
 from qf.runtime.generate import Engine, FinishReason, Generation, GenerationStats
 from qf.runtime.hparams import HParams, hparams_from_metadata
 from qf.runtime.sampler import SamplingParams
+from qf.runtime.threads import DecodeThreads
 from qf.runtime.tokenizer import Tokenizer, load_tokenizer
 from qf.runtime.weights import load_tensors
 
@@ -79,11 +80,12 @@ class Model:
     """A loaded model: weights stay in the mapped file; one KV cache; generations run one at a time."""
 
     def __init__(self, path: str, file: Any, hp: HParams, forward: Any, tokenizer: Tokenizer,
-                 template: ChatTemplate, n_batch: int, load_seconds: float, plan: Plan | None = None) -> None:
+                 template: ChatTemplate, n_batch: int, load_seconds: float, plan: Plan | None = None,
+                 threads: DecodeThreads | None = None) -> None:
         self.path, self.hparams, self.tokenizer, self.template = path, hp, tokenizer, template
         self.plan = plan  # the device placement (None: everything on the CPU)
         self._file = file
-        self._engine = Engine(forward, n_batch)
+        self._engine = Engine(forward, n_batch, threads)
         self.load_seconds = load_seconds
         self._last: Generation | None = None
 
@@ -95,6 +97,8 @@ class Model:
 
         gpu_layers: 0 runs on the CPU; N puts the last N layers on the GPU(s) (llama.cpp's -ngl); "auto"
         fits as many as the free VRAM (capped by vram) holds; None means "auto" when a GPU may exist.
+        n_threads None (all physical cores) lets CPU-only decoding drop to half of them while that measures
+        faster (another process holding a core stalls fork-join kernels; qf.runtime.threads); a number pins it.
         The placement is checked against the budget before any weight is uploaded (PlanError if not).
 
         warmup (as llama.cpp does) runs a 2-token batch and a 1-token step once, so that loading the
@@ -115,7 +119,9 @@ class Model:
         except BaseException:
             f.close()
             raise
-        model = cls(path, f, hp, forward, tokenizer, template, n_batch, 0.0, plan)
+        adapt = n_threads is None and plan is None and cpu.n_threads is not None and cpu.n_threads > 1
+        model = cls(path, f, hp, forward, tokenizer, template, n_batch, 0.0, plan,
+                    DecodeThreads(cpu.n_threads) if adapt else None)
         if warmup:
             model._warmup()
         model.load_seconds = time.perf_counter() - t0
@@ -130,6 +136,8 @@ class Model:
                 eng.prefill([tok, tok])
                 eng.step(tok)
             eng.cache.clear()
+            if eng.threads is not None:
+                eng.threads.reset()
 
     # -- properties ------------------------------------------------------------------------------------
     @property

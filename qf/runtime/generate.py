@@ -42,8 +42,9 @@ class GenerationStats:
 class Engine:
     """A forward pass plus its KV cache; one evaluation at a time (a lock guards the cache)."""
 
-    def __init__(self, forward: LlamaForward, n_batch: int = 256) -> None:
+    def __init__(self, forward: LlamaForward, n_batch: int = 256, threads: DecodeThreads | None = None) -> None:
         self.forward = forward
+        self.threads = threads  # decode thread count chosen by measurement; None: each backend's own count
         self.cache: KVCache = forward.new_cache()
         self.n_batch = max(1, int(n_batch))
         self.lock = threading.Lock()
@@ -54,11 +55,11 @@ class Engine:
         """Context length (positions in the cache)."""
         return self.cache.n_ctx
 
-    def bind_threads(self) -> None:
-        """Apply each backend's thread count to the calling thread (numba's setting is per thread)."""
+    def bind_threads(self, n: int | None = None) -> None:
+        """Apply each backend's thread count (or n) to the calling thread (numba's setting is per thread)."""
         f = self.forward
         for be in {id(b): b for b in (f.embed_be, *f.placement, f.head_be)}.values():
-            be.set_threads()
+            be.set_threads(n)
 
     def check_prompt(self, n: int) -> None:
         """A prompt must fit in the context."""
@@ -88,8 +89,12 @@ class Engine:
 
     def step(self, token: int) -> np.ndarray:
         """Evaluate one token at the next position; logits f32 [n_vocab]."""
-        self.bind_threads()
+        n = self.threads.choose() if self.threads is not None else None
+        self.bind_threads(n)
+        t0 = time.perf_counter()
         logits = self.forward.forward(np.asarray([token]), self.cache.n_past, self.cache)
+        if self.threads is not None:
+            self.threads.record(n, time.perf_counter() - t0)
         self.cache.append([token])
         return logits[-1]
 

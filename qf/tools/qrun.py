@@ -129,7 +129,8 @@ def _gpu_layers(value: str | None) -> int | str | None:
               help="Tokens to generate (-1: until end of generation or a full context).")
 @click.option("-c", "--ctx-size", "n_ctx", type=int, default=0, show_default=True,
               help="Context size (0: the model's, at most 4096).")
-@click.option("-t", "--threads", "n_threads", type=int, default=None, help="CPU threads (default: physical cores).")
+@click.option("-t", "--threads", "n_threads", type=int, default=None,
+              help="CPU threads (default: physical cores; decode drops to half while that measures faster).")
 @click.option("-b", "--batch-size", "n_batch", type=int, default=256, show_default=True, help="Prompt batch size.")
 @click.option("--temp", "temperature", type=float, default=0.8, show_default=True, help="Temperature (0: greedy).")
 @click.option("--top-k", type=int, default=40, show_default=True, help="Top-k (0: off).")
