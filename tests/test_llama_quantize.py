@@ -9,7 +9,9 @@ llama-cpp-python sdist on PyPI (its vendor/llama.cpp is the full source):
     export QF_LLAMA_QUANTIZE=$PWD/build/bin/llama-quantize
 
 Two inputs: SmolLM2-135M as F16 (rows of 576: most matrices take llama.cpp's fallbacks) and a random
-llama whose rows are multiples of 256 (every matrix takes the K type the mix names).
+llama whose rows are multiples of 256 (every matrix takes the K type the mix names); each also with a
+random importance matrix (GGUF and legacy .dat formats), which switches the quantizers to their weighted
+searches and adds the quantize.imatrix.* keys.
 """
 
 from __future__ import annotations
@@ -45,6 +47,16 @@ def sources(tmp_path_factory, smollm2_hf, tiny_checkpoint_module) -> dict[str, P
     for name, src in (("smollm2", smollm2_hf), ("aligned", aligned)):
         out[name] = convert(src, d / f"{name}-f16.qf", "F16").path
     return out
+
+
+@pytest.fixture(scope="module")
+def imatrices(sources, tmp_path_factory) -> dict[str, Path]:
+    """Random importance for every matrix: GGUF format for the aligned model, legacy .dat for SmolLM2."""
+    from imatrix_files import random_imatrix
+
+    d = tmp_path_factory.mktemp("lq-imatrix")
+    return {"aligned": random_imatrix(d / "aligned.gguf", sources["aligned"], fmt="gguf"),
+            "smollm2": random_imatrix(d / "smollm2.dat", sources["smollm2"], fmt="dat")}
 
 
 def _llama_quantize(src: Path, dst: Path, qtype: str, args: list[str]) -> None:
@@ -86,4 +98,14 @@ def test_mix_bytes_equal_llama_quantize(sources, tmp_path, model, qtype):
 def test_options_bytes_equal_llama_quantize(sources, tmp_path, args, overrides):
     _llama_quantize(sources["aligned"], tmp_path / "lc.gguf", "Q4_K_M", args)
     requantize(sources["aligned"], tmp_path / "ours.qf", "Q4_K_M", overrides)
+    _compare(tmp_path / "lc.gguf", tmp_path / "ours.qf")
+
+
+@pytest.mark.parametrize("model,qtype", [("aligned", t) for t in TYPES] + [("smollm2", "Q4_K_M"), ("smollm2", "Q4_0")])
+def test_imatrix_bytes_equal_llama_quantize(sources, imatrices, tmp_path, model, qtype):
+    from qf.quant.imatrix import load_imatrix
+
+    imx = str(imatrices[model])
+    _llama_quantize(sources[model], tmp_path / "lc.gguf", qtype, ["--imatrix", imx])
+    requantize(sources[model], tmp_path / "ours.qf", qtype, imatrix=load_imatrix(imx))
     _compare(tmp_path / "lc.gguf", tmp_path / "ours.qf")

@@ -24,11 +24,13 @@ from qf.format.values import DEFAULT_ALIGNMENT
 from qf.format.values import GGUFValueType as V
 from qf.format.writer import QFWriter
 from qf.quant.codecs import get_codec, registered_types
+from qf.quant.imatrix import ImportanceMatrix
 from qf.quant.mixes import Mix, TensorCtx, choose_type, file_type, get_mix
 
 QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
 CHUNK_ELEMENTS = 1 << 22  # rows are converted in chunks of about this many values (16 MiB of f32)
 Progress = Callable[[int, int, str], None]  # (bytes written, total bytes, tensor name)
+UNWEIGHTED = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16})  # types an imatrix cannot change
 
 
 @dataclass
@@ -42,6 +44,7 @@ class PlannedTensor:
     permute_heads: int | None = None  # axis-0 rows reordered into this many heads
     data: np.ndarray | None = None  # generated values (f32), e.g. rope_freqs
     shift: float = 0.0  # constant added to the source values (gemma's 1 + w norms)
+    importance: np.ndarray | None = None  # per-column weights for the quantizer (imatrix), f32 [ne0]
 
     @property
     def nbytes(self) -> int:
@@ -134,8 +137,8 @@ def _order_key(t: PlannedTensor, layer: int | None, rank: int) -> tuple[int, int
 
 
 def _plan_tensors(spec: ArchSpec, ckpt: Checkpoint, cfg: dict[str, Any], hp: dict[str, Any], mix: Mix,
-                  where: Path) -> list[PlannedTensor]:
-    """One PlannedTensor per output tensor, in file order."""
+                  where: Path, imatrix: ImportanceMatrix | None = None) -> list[PlannedTensor]:
+    """One PlannedTensor per output tensor, in file order (with its importance, given an imatrix)."""
     tied = bool(cfg.get("tie_word_embeddings")) or "lm_head.weight" not in ckpt
     mapped = _map_names(spec, ckpt, tied)
     n_layers = int(hp["block_count"])
@@ -151,9 +154,11 @@ def _plan_tensors(spec: ArchSpec, ckpt: Checkpoint, cfg: dict[str, Any], hp: dic
         ne = tuple(reversed(e.shape)) or (1,)
         suffix = tensor_suffix(name)
         heads_key = spec.permute.get(suffix)
-        ctx = TensorCtx(name, ne, layer, n_layers, tied, n_gqa)
-        t = PlannedTensor(name, ne, choose_type(mix, ctx, avail), hf, None if heads_key is None else int(hp[heads_key]),
-                          shift=float(spec.value_shift.get(suffix, 0.0)))
+        ctx = TensorCtx(name, ne, layer, n_layers, tied, n_gqa, has_imatrix=imatrix is not None)
+        qt = choose_type(mix, ctx, avail)
+        imp = imatrix.for_tensor(name, ne) if imatrix is not None and qt not in UNWEIGHTED else None
+        t = PlannedTensor(name, ne, qt, hf, None if heads_key is None else int(hp[heads_key]),
+                          shift=float(spec.value_shift.get(suffix, 0.0)), importance=imp)
         template = name if layer is None else name.replace(f"blk.{layer}.", "blk.{bid}.", 1)
         keyed.append((_order_key(t, layer, rank[template]), t))
     for i, (name, data) in enumerate(spec.extra_tensors(cfg, where / "config.json").items()):
@@ -170,8 +175,8 @@ def _check_vocab(tensors: list[PlannedTensor], tok_kv: list[KV], where: Path) ->
         raise ConvertError(f"{where}: tokenizer has {n_tokens} tokens but embed_tokens has {rows} rows")
 
 
-def plan_conversion(model_dir: str | Path, qtype: str,
-                    ckpt: Checkpoint | None = None) -> tuple[ConvertPlan, Checkpoint]:
+def plan_conversion(model_dir: str | Path, qtype: str, ckpt: Checkpoint | None = None,
+                    imatrix: ImportanceMatrix | None = None) -> tuple[ConvertPlan, Checkpoint]:
     """Validate config, tensors and tokenizer; decide every key and tensor type. Returns the open checkpoint too."""
     model_dir = Path(model_dir)
     mix = get_mix(qtype)
@@ -185,7 +190,7 @@ def plan_conversion(model_dir: str | Path, qtype: str,
     tok = tokenizer_kv(model_dir, cfg)
     ckpt = ckpt or Checkpoint(model_dir)
     try:
-        tensors = _plan_tensors(spec, ckpt, cfg, _config_ints(hparams), mix, model_dir)
+        tensors = _plan_tensors(spec, ckpt, cfg, _config_ints(hparams), mix, model_dir, imatrix)
         _check_vocab(tensors, tok, model_dir)
     except BaseException:
         ckpt.close()
@@ -198,7 +203,8 @@ def plan_conversion(model_dir: str | Path, qtype: str,
         ("general.file_type", file_type(qtype), V.UINT32),
         ("general.quantization_version", QUANTIZATION_VERSION, V.UINT32),
     ]
-    return ConvertPlan(spec, qtype.upper(), general + hparams + tok, tensors), ckpt
+    extra = imatrix.kv() if imatrix is not None else []
+    return ConvertPlan(spec, qtype.upper(), general + hparams + tok + extra, tensors), ckpt
 
 
 def _encode(ckpt: Checkpoint, t: PlannedTensor) -> np.ndarray:
@@ -206,7 +212,7 @@ def _encode(ckpt: Checkpoint, t: PlannedTensor) -> np.ndarray:
     codec = get_codec(t.type)
     ne0 = t.ne[0]
     if t.data is not None:
-        return codec.quantize(t.data.reshape(-1, ne0))
+        return codec.quantize(t.data.reshape(-1, ne0), t.importance)
     shape = ckpt.entry(t.source).shape or (1,)
     axis0 = shape[0]
     per_axis0 = int(np.prod(shape[1:], dtype=np.int64))  # values behind one axis-0 index
@@ -216,7 +222,7 @@ def _encode(ckpt: Checkpoint, t: PlannedTensor) -> np.ndarray:
             x = x + np.float32(t.shift)
         if t.permute_heads:
             x = x[head_permutation(axis0, t.permute_heads)]
-        return codec.quantize(x.reshape(1, ne0))
+        return codec.quantize(x.reshape(1, ne0), t.importance)
     rows_per_index = per_axis0 // ne0
     out = np.empty((axis0 * rows_per_index, row_bytes(t.type, ne0)), np.uint8)
     perm = head_permutation(axis0, t.permute_heads) if t.permute_heads else None
@@ -227,7 +233,7 @@ def _encode(ckpt: Checkpoint, t: PlannedTensor) -> np.ndarray:
         x = ckpt.to_f32(t.source, sel).reshape(-1, ne0)  # x: [(b - a) * rows_per_index, ne0]
         if t.shift:
             x = x + np.float32(t.shift)
-        out[a * rows_per_index:b * rows_per_index] = codec.quantize(x)
+        out[a * rows_per_index:b * rows_per_index] = codec.quantize(x, t.importance)
         ckpt.release(t.source)  # source pages leave our resident set chunk by chunk
     return out
 
@@ -278,10 +284,14 @@ def summarize(out_path: str | Path, tensors: list[PlannedTensor], t0: float) -> 
 
 
 def convert(model_dir: str | Path, out_path: str | Path, qtype: str = "Q8_0",
-            progress: Progress | None = None, on_plan: Callable[[ConvertPlan], None] | None = None) -> ConvertSummary:
-    """Convert an HF checkpoint folder to one .qf (GGUF v3) file; the output appears only when complete."""
+            progress: Progress | None = None, on_plan: Callable[[ConvertPlan], None] | None = None,
+            imatrix: ImportanceMatrix | None = None) -> ConvertSummary:
+    """Convert an HF checkpoint folder to one .qf (GGUF v3) file; the output appears only when complete.
+
+    imatrix (qf.quant.imatrix.load_imatrix) weights the quantizers by column importance, as llama-quantize
+    --imatrix does (it names weights by their GGUF names, which is what the file holds)."""
     t0 = time.perf_counter()
-    plan, ckpt = plan_conversion(model_dir, qtype)
+    plan, ckpt = plan_conversion(model_dir, qtype, imatrix=imatrix)
     try:
         if on_plan is not None:
             on_plan(plan)

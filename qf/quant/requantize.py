@@ -30,6 +30,7 @@ from qf.format.reader import GGUFFile, Metadata, open_gguf
 from qf.format.values import ALIGNMENT_KEY
 from qf.format.values import GGUFValueType as V
 from qf.quant.codecs import get_codec, registered_types
+from qf.quant.imatrix import KV_KEYS, ImportanceMatrix
 from qf.quant.mixes import Overrides, TensorCtx, choose_type, file_type, get_mix, layer_of, with_counters
 
 FILE_TYPE_KEY = "general.file_type"
@@ -141,20 +142,21 @@ def _copy_kv(meta: Metadata, qtype: str, quantized: bool) -> list[KV]:
     return kv
 
 
-def _contexts(f: GGUFFile, facts: ModelFacts) -> list[TensorCtx]:
+def _contexts(f: GGUFFile, facts: ModelFacts, has_imatrix: bool) -> list[TensorCtx]:
     """One TensorCtx per tensor, in file order."""
     return [TensorCtx(name, ti.ne, layer_of(name), facts.n_layers, facts.tied, facts.n_gqa, facts.n_expert,
-                      facts.arch, facts.is_70b, src_type=ti.type) for name, ti in f.tensors.items()]
+                      facts.arch, facts.is_70b, has_imatrix, src_type=ti.type) for name, ti in f.tensors.items()]
 
 
 def plan_requantize(f: GGUFFile, qtype: str, overrides: Overrides | None = None,
-                    allow_requantize: bool = False) -> RequantPlan:
-    """Every output tensor's type; refuses quantized sources (naming them) unless allow_requantize."""
+                    allow_requantize: bool = False, imatrix: ImportanceMatrix | None = None) -> RequantPlan:
+    """Every output tensor's type (and importance, given an imatrix); refuses quantized sources (naming
+    them) unless allow_requantize."""
     mix = get_mix(qtype)
     if mix.default not in storage_types():
         raise ConvertError(f"type {qtype} needs a {mix.default.name} codec, which is not available")
     avail = storage_types()
-    ctxs = with_counters(_contexts(f, model_facts(f)), mix, overrides)
+    ctxs = with_counters(_contexts(f, model_facts(f), imatrix is not None), mix, overrides)
     tensors, requantized, no_codec = [], [], []
     for c in ctxs:
         t = choose_type(mix, c, avail, overrides)
@@ -164,7 +166,8 @@ def plan_requantize(f: GGUFFile, qtype: str, overrides: Overrides | None = None,
                 no_codec.append(f"{c.name} ({src.name})")
             elif src not in FLOAT_SOURCES:
                 requantized.append(c.name)
-        tensors.append(PlannedTensor(c.name, tuple(c.ne), t, source=c.name))
+        imp = imatrix.for_tensor(c.name, tuple(c.ne)) if imatrix is not None and t != src else None
+        tensors.append(PlannedTensor(c.name, tuple(c.ne), t, source=c.name, importance=imp))
     if no_codec:
         raise ConvertError(f"{f.path}: cannot read tensors of a type with no codec here: {', '.join(no_codec[:10])}")
     if requantized and not allow_requantize:
@@ -173,7 +176,10 @@ def plan_requantize(f: GGUFFile, qtype: str, overrides: Overrides | None = None,
             f"{f.path}: tensor {requantized[0]} is already quantized ({first.type.name}); requantizing loses "
             f"quality twice, pass --allow-requantize to do it anyway ({len(requantized)} tensors: "
             f"{', '.join(requantized[:5])}{' ...' if len(requantized) > 5 else ''})")
-    return RequantPlan(qtype.upper(), _copy_kv(f.meta, qtype, mix.quantized), tensors, requantized)
+    kv = _copy_kv(f.meta, qtype, mix.quantized)
+    if imatrix is not None:  # replaces the keys of an imatrix the source was made with
+        kv = [e for e in kv if e[0] not in KV_KEYS] + imatrix.kv()
+    return RequantPlan(qtype.upper(), kv, tensors, requantized)
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -192,7 +198,7 @@ def tensor_encoder(f: GGUFFile) -> Callable[[PlannedTensor], np.ndarray]:
         step = max(1, CHUNK_ELEMENTS // max(1, ne0))
         for a in range(0, raw.shape[0], step):
             x = src.dequantize(raw[a:a + step])  # x: [rows, ne0] f32
-            out[a:a + step] = dst.quantize(x)
+            out[a:a + step] = dst.quantize(x, t.importance)
         return out
 
     return encode
@@ -200,11 +206,13 @@ def tensor_encoder(f: GGUFFile) -> Callable[[PlannedTensor], np.ndarray]:
 
 def requantize(in_path: str | Path, out_path: str | Path, qtype: str, overrides: Overrides | None = None,
                allow_requantize: bool = False, progress: Progress | None = None,
-               on_plan: Callable[[RequantPlan], None] | None = None) -> ConvertSummary:
-    """Requantize in_path to out_path (written atomically) under a --type mix and optional overrides."""
+               on_plan: Callable[[RequantPlan], None] | None = None,
+               imatrix: ImportanceMatrix | None = None) -> ConvertSummary:
+    """Requantize in_path to out_path (written atomically) under a --type mix, optional overrides and
+    an optional importance matrix (qf.quant.imatrix.load_imatrix)."""
     t0 = time.perf_counter()
     with open_gguf(in_path) as f:
-        plan = plan_requantize(f, qtype, overrides, allow_requantize)
+        plan = plan_requantize(f, qtype, overrides, allow_requantize, imatrix)
         if plan.requantized:
             warnings.warn(f"{in_path}: requantizing {len(plan.requantized)} already-quantized tensors "
                           f"(first: {plan.requantized[0]}); quality is lost twice", RequantizeWarning, stacklevel=2)

@@ -86,13 +86,17 @@ def _summary(s) -> str:
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--type", "--outtype", "qtype", default="Q8_0", show_default=True,
               type=click.Choice(mix_names(), case_sensitive=False), help="Quantization type (mix) of the output.")
+@click.option("--imatrix", "imatrix_file", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="Importance matrix (llama-imatrix output, GGUF or legacy .dat) for the quantizers.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def main(model_dir: Path, out: Path, qtype: str, quiet: bool) -> None:
+def main(model_dir: Path, out: Path, qtype: str, imatrix_file: str | None, quiet: bool) -> None:
     """Convert the Hugging Face checkpoint in MODEL_DIR to one .qf file OUT (written atomically)."""
     from qf.convert.pipeline import convert  # late: keeps --help fast
+    from qf.quant.imatrix import load_imatrix
 
     write_with_progress("qconvert", out, quiet, "converting",
-                        lambda **kw: convert(model_dir, out, qtype.upper(), **kw))
+                        lambda **kw: convert(model_dir, out, qtype.upper(), imatrix=load_imatrix(imatrix_file)
+                                             if imatrix_file else None, **kw))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 Per-tensor options follow llama-quantize: --pure, --tensor-type PATTERN=TYPE (repeatable; PATTERN is a
 Python regular expression searched anywhere in the tensor name, so a plain substring such as `attn_v`
 works and `^blk\\.0\\.` pins one layer; the first matching option wins), --output-tensor-type and
---token-embedding-type. Types have to be F32/F16/BF16 unless --allow-requantize.
+--token-embedding-type. Types have to be F32/F16/BF16 unless --allow-requantize. --imatrix FILE (llama.cpp's
+GGUF or legacy .dat importance matrix) weights the quantizers' error by each column's importance and
+records the quantize.imatrix.* keys, as llama-quantize does.
 """
 
 from __future__ import annotations
@@ -52,10 +54,13 @@ def _tensor_types(ctx: click.Context, param: click.Parameter, values: tuple[str,
               help="Type for tensors whose name matches the regex PATTERN (repeatable; first match wins).")
 @click.option("--output-tensor-type", callback=_storage_type, metavar="TYPE", help="Type of output.weight.")
 @click.option("--token-embedding-type", callback=_storage_type, metavar="TYPE", help="Type of token_embd.weight.")
+@click.option("--imatrix", "imatrix_file", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="Importance matrix (llama-imatrix output, GGUF or legacy .dat) for the quantizers.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def main(src: Path, out: Path, qtype: str, allow_requantize: bool, pure: bool, tensor_types, output_tensor_type,
-         token_embedding_type, quiet: bool) -> None:
+         token_embedding_type, imatrix_file: str | None, quiet: bool) -> None:
     """Requantize the GGUF/.qf file IN to OUT (written atomically), keeping all its metadata."""
+    from qf.quant.imatrix import load_imatrix
     from qf.quant.requantize import RequantizeWarning, requantize  # late: keeps --help fast
 
     overrides = Overrides(pure=pure, tensor_types=tensor_types, output_type=output_tensor_type,
@@ -64,7 +69,9 @@ def main(src: Path, out: Path, qtype: str, allow_requantize: bool, pure: bool, t
         warnings.simplefilter("always", RequantizeWarning)
         try:
             write_with_progress("qquantize", out, quiet, "quantizing",
-                                lambda **kw: requantize(src, out, qtype.upper(), overrides, allow_requantize, **kw))
+                                lambda **kw: requantize(src, out, qtype.upper(), overrides, allow_requantize,
+                                                        imatrix=load_imatrix(imatrix_file) if imatrix_file else None,
+                                                        **kw))
         finally:
             for w in caught:
                 if issubclass(w.category, RequantizeWarning):
