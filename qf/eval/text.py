@@ -107,6 +107,20 @@ def evaluation_text(path: str | os.PathLike | None = None) -> str:
     return get_slice("evaluation", path)
 
 
+def read_text_arg(text_file: Path | None, slice_name: str | None) -> str:
+    """A command's text: the UTF-8 file given with -f, or a built-in slice given with --slice."""
+    if text_file is not None and slice_name is not None:
+        raise QFError("give either -f FILE or --slice, not both")
+    if slice_name is not None:
+        return get_slice(slice_name)
+    if text_file is None:
+        raise QFError("no text: give -f FILE or --slice NAME")
+    try:
+        return Path(text_file).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise QFError(f"{text_file}: not UTF-8 text (byte {e.start})") from None
+
+
 def write_slice(name: str, out: str | os.PathLike) -> Path:
     """Write one slice as UTF-8 to `out` atomically (temp file + rename); returns the path."""
     out = Path(out)

@@ -167,3 +167,24 @@ def load_imatrix(path: str | os.PathLike) -> ImportanceMatrix:
     m = _load_gguf(path) if data[:4] == GGUF_MAGIC else _load_legacy(path, data)
     _check_finite(m)
     return m
+
+
+def write_imatrix(path: str | os.PathLike, sums: dict[str, np.ndarray], counts: dict[str, int],
+                  datasets: list[str], chunk_count: int, chunk_size: int) -> Path:
+    """Write the GGUF imatrix format (as llama-imatrix does): per weight in_sum2 [1, n_in] and counts [1, 1]."""
+    from qf.format.ggml_types import GGMLType
+    from qf.format.writer import QFWriter
+
+    with QFWriter(path, checksums=False) as w:
+        w.add_kv("general.type", "imatrix")
+        w.add_kv("imatrix.datasets", list(datasets), GGUFValueType.ARRAY, elem_type=GGUFValueType.STRING)
+        w.add_kv("imatrix.chunk_count", int(chunk_count), GGUFValueType.UINT32)
+        w.add_kv("imatrix.chunk_size", int(chunk_size), GGUFValueType.UINT32)
+        names = sorted(sums)
+        for n in names:
+            w.add_tensor_info(n + SUMS, ne=(sums[n].size, 1), type=GGMLType.F32)
+            w.add_tensor_info(n + COUNTS, ne=(1, 1), type=GGMLType.F32)
+        for n in names:
+            w.write_tensor(n + SUMS, np.asarray(sums[n], np.float32).reshape(1, -1))
+            w.write_tensor(n + COUNTS, np.array([[counts[n]]], np.float32))
+    return Path(path)

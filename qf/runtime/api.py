@@ -92,7 +92,8 @@ class Model:
     @classmethod
     def load(cls, path: str | os.PathLike, n_ctx: int | None = None, n_threads: int | None = None,
              n_batch: int = 256, warmup: bool = True, gpu_layers: int | str | None = 0,
-             vram: str | int | None = None, tensor_split: str | None = None) -> "Model":
+             vram: str | int | None = None, tensor_split: str | None = None,
+             cpu_backend: CpuBackend | None = None) -> "Model":
         """Open a .qf/.gguf file by mmap, validate it, and prepare a KV cache of n_ctx positions.
 
         gpu_layers: 0 runs on the CPU; N puts the last N layers on the GPU(s) (llama.cpp's -ngl); "auto"
@@ -100,6 +101,8 @@ class Model:
         n_threads None (all physical cores) lets CPU-only decoding drop to half of them while that measures
         faster (another process holding a core stalls fork-join kernels; qf.runtime.threads); a number pins it.
         The placement is checked against the budget before any weight is uploaded (PlanError if not).
+        cpu_backend replaces the CPU backend (e.g. a subclass that observes the matrix products, as
+        qf.eval.imatrix does); its own thread count applies.
 
         warmup (as llama.cpp does) runs a 2-token batch and a 1-token step once, so that loading the
         compiled kernels and the first page-in of the weights count as load time, not as prompt time.
@@ -112,14 +115,15 @@ class Model:
             hp = hparams_from_metadata(f.meta, arch, path)
             tokenizer = _tokenizer(f.meta, hp, path)
             ctx = _context_size(n_ctx, hp)
-            cpu = CpuBackend(n_threads or default_threads())
+            cpu = cpu_backend or CpuBackend(n_threads or default_threads())
             placement, plan = _placement(path, ctx, n_batch, hp.n_layer, cpu, gpu_layers, vram, tensor_split)
             forward = build_forward(forward_cls, hp, spec, load_tensors(f, hp, path), placement, ctx)
             template = chat_template_from_metadata(f.meta, *_bos_eos_text(tokenizer))
         except BaseException:
             f.close()
             raise
-        adapt = n_threads is None and plan is None and cpu.n_threads is not None and cpu.n_threads > 1
+        adapt = (n_threads is None and cpu_backend is None and plan is None and cpu.n_threads is not None
+                 and cpu.n_threads > 1)
         model = cls(path, f, hp, forward, tokenizer, template, n_batch, 0.0, plan,
                     DecodeThreads(cpu.n_threads) if adapt else None)
         if warmup:

@@ -25,7 +25,7 @@ import numpy as np
 from qf.eval.kld import (KLDStats, LogitsFile, LogitsWriter, TokenStats, check_compatible, compare_chunk,
                          format_report, kld_stats)
 from qf.eval.perplexity import ChunkPlan, PerplexityResult, ScoredChunk, iter_chunks, perplexity, plan_chunks
-from qf.eval.text import SLICES, get_slice
+from qf.eval.text import SLICES, read_text_arg
 from qf.format.errors import QFError
 
 if TYPE_CHECKING:
@@ -79,20 +79,6 @@ def _model_bos(model: Model) -> int | None:
 def _logits_fn(model: Model) -> Callable[[np.ndarray], np.ndarray]:
     """tokens [n_ctx] -> logits [n_ctx, n_vocab], evaluated from an empty cache."""
     return lambda chunk: model.logits(chunk.tolist())
-
-
-def _read_text(text_file: Path | None, slice_name: str | None) -> str:
-    """The text to score: a file, or a built-in slice."""
-    if text_file is not None and slice_name is not None:
-        raise QFError("give either -f FILE or --slice, not both")
-    if slice_name is not None:
-        return get_slice(slice_name)
-    if text_file is None:
-        raise QFError("no text: give -f FILE or --slice NAME")
-    try:
-        return text_file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise QFError(f"{text_file}: not UTF-8 text (byte {e.start})") from None
 
 
 def run_perplexity(model: Model, tokens: np.ndarray, plan: ChunkPlan,
@@ -168,7 +154,7 @@ def _main(model_path: Path, text_file: Path | None, slice_name: str | None, n_ct
     if kld_base is not None:
         return _main_kld(model_path, text_file, slice_name, n_ctx, max_chunks, n_batch, n_threads, kld_base)
     n_ctx = 512 if n_ctx is None else n_ctx
-    text = _read_text(text_file, slice_name)
+    text = read_text_arg(text_file, slice_name)
     t0 = time.perf_counter()
     with _load(model_path, n_ctx, n_threads, n_batch) as model:
         tokens = np.asarray(model.tokenize(text), dtype=np.int64)
@@ -185,7 +171,7 @@ def _main_kld(model_path: Path, text_file: Path | None, slice_name: str | None, 
               max_chunks: int | None, n_batch: int | None, n_threads: int | None, kld_base: Path) -> dict:
     """--kl-divergence: tokens come from the base file; a given text must tokenize to the same."""
     t0 = time.perf_counter()
-    text = None if text_file is None and slice_name is None else _read_text(text_file, slice_name)
+    text = None if text_file is None and slice_name is None else read_text_arg(text_file, slice_name)
     with LogitsFile(kld_base) as base, _load(model_path, n_ctx or base.layout.n_ctx, n_threads, n_batch) as model:
         n_ctx = model.n_ctx
         tokens = None if text is None else np.asarray(model.tokenize(text), dtype=np.int64)
