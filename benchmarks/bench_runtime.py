@@ -47,16 +47,11 @@ def numpy_baseline_backend() -> type:
     return NumpyBackend
 
 
-def load_baseline(path: Path, **kw: Any) -> Any:
-    """Model.load with the numpy baseline in place of the numba CPU backend (benchmark-only substitution)."""
-    import qf.runtime.api as api
+def load_baseline(path: Path, n_threads: int | None = None, **kw: Any) -> Any:
+    """Model.load with the numpy baseline in place of the numba CPU backend."""
+    from qf.runtime import Model
 
-    original = api.CpuBackend
-    api.CpuBackend = numpy_baseline_backend()
-    try:
-        return api.Model.load(path, **kw)
-    finally:
-        api.CpuBackend = original
+    return Model.load(path, cpu_backend=numpy_baseline_backend()(n_threads), **kw)
 
 
 def model_file(qtype: str) -> Path:
