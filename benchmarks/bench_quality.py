@@ -8,7 +8,8 @@ stream is rotated by a seeded random orthogonal matrix (qf.eval.rotate; the same
 registered), scored with qperplexity on the evaluation slice of the Jargon File (F16 is the KLD reference:
 its logits are saved, every other type is compared with them), and timed for prefill/decode (--no-speed skips
 the timing). With the rotated reference, the unrotated F16 is scored too: its KLD shows what the rotation
-itself changes. Writes into --out: the .qf files, `results.json`, `quality.md` (the table, also printed) and
+itself changes. --imatrix-types Q4_K_M,Q2_K adds rows for those types quantized with an importance matrix
+that qimatrix computes from the F16 over the calibration slice (disjoint from the evaluation slice). Writes into --out: the .qf files, `results.json`, `quality.md` (the table, also printed) and
 `kld_vs_bpw.png` (needs matplotlib, an optional benchmark dependency: `pip install matplotlib`; without it the
 plot is skipped). Not part of the test suite. At the defaults (6 chunks of 512, qbench pp256/tg16 x2) the 16
 types took 506 s wall (673 s CPU) on 2 cores; fewer --chunks or --types make it shorter.
@@ -75,13 +76,30 @@ def export_reference(out: Path, reference: str) -> tuple[Path, Path, float]:
     return hf, raw, time.perf_counter() - t0
 
 
-def convert_all(hf: Path, out: Path, types: list[str], raw: Path | None) -> dict[str, dict]:
-    """Convert to each type in-process (and raw to F16 as UNROTATED); size, bits/weight, convert seconds."""
+def make_imatrix(out: Path, args: argparse.Namespace) -> Path:
+    """qimatrix on the reference F16 over the calibration slice (disjoint from the evaluation slice)."""
+    path = out / "imatrix.gguf"
+    cmd = [sys.executable, "-m", "qf.tools.qimatrix", str(out / f"smollm2-{REFERENCE}.qf"), "--slice", "calibration",
+           "-o", str(path), "-c", str(args.ctx), "--chunks", str(args.imatrix_chunks), "-t", str(args.threads)]
+    rc, secs, _ = run_child(cmd, out / "imatrix.log")
+    if rc != 0:
+        raise SystemExit(f"qimatrix failed (exit {rc}); see {out / 'imatrix.log'}")
+    print(f"imatrix: {args.imatrix_chunks} chunks of {args.ctx} in {secs:.1f} s", file=sys.stderr)
+    return path
+
+
+def convert_all(hf: Path, out: Path, types: list[str], raw: Path | None,
+                imatrix: tuple[Path, list[str]] | None = None) -> dict[str, dict]:
+    """Convert to each type in-process (raw to F16 as UNROTATED, and `T+imatrix` rows); size, bits/weight,
+    convert seconds."""
     from qf.convert.pipeline import convert
+    from qf.quant.imatrix import load_imatrix
     rows = {}
-    jobs = [(t, hf, t) for t in types] + ([(UNROTATED, raw, REFERENCE)] if raw is not None else [])
-    for t, src, qtype in jobs:
-        s = convert(src, out / f"smollm2-{t.replace(' ', '-')}.qf", qtype)
+    jobs = [(t, hf, t, None) for t in types] + ([(UNROTATED, raw, REFERENCE, None)] if raw is not None else [])
+    if imatrix is not None:
+        jobs += [(f"{t}+imatrix", hf, t, load_imatrix(imatrix[0])) for t in imatrix[1]]
+    for t, src, qtype, imx in jobs:
+        s = convert(src, out / f"smollm2-{t.replace(' ', '-')}.qf", qtype, imatrix=imx)
         rows[t] = {"path": str(s.path), "file_bytes": s.file_bytes, "bpw": s.bits_per_weight,
                    "convert_s": s.seconds, "types": dict(s.types)}
         print(f"converted {t}: {s.file_bytes / 2**20:.1f} MiB, {s.bits_per_weight:.2f} bpw, {s.seconds:.1f} s",
@@ -193,6 +211,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--reference", choices=sorted(CAVEAT), default="rotated",
                     help="rotated (default): the SmolLM2 weights rotated off their Q4_1 grid; raw: as dequantized")
     ap.add_argument("--no-speed", dest="speed", action="store_false", help="skip the qbench timing")
+    ap.add_argument("--imatrix-types", default="",
+                    help="comma-separated types to convert again with an importance matrix (qimatrix on the F16 "
+                         "over the calibration slice), as extra 'T+imatrix' rows")
+    ap.add_argument("--imatrix-chunks", type=int, default=40, help="qimatrix chunks (of --ctx tokens)")
     return ap.parse_args()
 
 
@@ -226,6 +248,9 @@ def main() -> None:
     hf, raw, export_s = export_reference(out, args.reference)
     print(f"exported HF folder in {export_s:.1f} s; types: {', '.join(types)}", file=sys.stderr)
     conv = convert_all(hf, out, types, None if args.reference == "raw" else raw)
+    imx_types = [t.strip().upper() for t in args.imatrix_types.split(",") if t.strip()]
+    if imx_types:
+        conv |= convert_all(hf, out, [], None, (make_imatrix(out, args), imx_types))
     rows = []
     for t in conv:
         model = Path(conv[t]["path"])
