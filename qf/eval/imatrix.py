@@ -42,8 +42,6 @@ class ImatrixStats:
 class CollectingBackend(CpuBackend):
     """The CPU backend, plus the input statistics of every matrix product with a collected weight."""
 
-    name = "cpu"
-
     def __init__(self, n_threads: int | None, stats: ImatrixStats, process_output: bool = False) -> None:
         super().__init__(n_threads)
         self.stats, self.process_output = stats, process_output
