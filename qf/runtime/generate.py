@@ -13,6 +13,7 @@ from qf.format.errors import ContextOverflowError
 from qf.runtime.arch.llama import LlamaForward
 from qf.runtime.kv_cache import KVCache
 from qf.runtime.sampler import Sampler, SamplingParams
+from qf.runtime.threads import DecodeThreads
 from qf.runtime.tokenizer import Tokenizer
 
 FinishReason = Literal["stop", "length", "cancelled"]
