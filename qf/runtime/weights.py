@@ -1,4 +1,5 @@
-"""Tensor lookup for llama-family models: names and shapes per role, checked against the hyperparameters."""
+"""Tensor lookup for llama-family models: names per role (qf.format.tensor_roles), validated by the shared
+qf.format.model_check before any tensor is handed out."""
 
 from __future__ import annotations
 
@@ -7,41 +8,14 @@ from typing import Any
 
 import numpy as np
 
-from qf.format.errors import ModelError
 from qf.format.ggml_types import GGMLType
+from qf.format.model_check import TensorDecl, check_metadata, check_tensors, squeeze_ne
+from qf.format.tensor_roles import GLOBAL_TENSORS, LAYER_TENSORS, REQUIRED_BY_ARCH
+from qf.quant.codecs import registered_types
 from qf.runtime.hparams import HParams
 
-# role -> (GGUF name template, expected ne as HParams attribute names (ne[0] innermost), required).
-LAYER_TENSORS: dict[str, tuple[str, tuple[str, ...], bool]] = {
-    "attn_norm": ("blk.{i}.attn_norm.weight", ("n_embd",), True),
-    "wq": ("blk.{i}.attn_q.weight", ("n_embd", "q_dim"), True),
-    "wk": ("blk.{i}.attn_k.weight", ("n_embd", "kv_dim"), True),
-    "wv": ("blk.{i}.attn_v.weight", ("n_embd", "kv_dim"), True),
-    "wo": ("blk.{i}.attn_output.weight", ("q_dim", "n_embd"), True),
-    "bq": ("blk.{i}.attn_q.bias", ("q_dim",), False),  # qwen2
-    "bk": ("blk.{i}.attn_k.bias", ("kv_dim",), False),
-    "bv": ("blk.{i}.attn_v.bias", ("kv_dim",), False),
-    "ffn_norm": ("blk.{i}.ffn_norm.weight", ("n_embd",), True),
-    "w_gate": ("blk.{i}.ffn_gate.weight", ("n_embd", "n_ff"), True),
-    "w_up": ("blk.{i}.ffn_up.weight", ("n_embd", "n_ff"), True),
-    "w_down": ("blk.{i}.ffn_down.weight", ("n_ff", "n_embd"), True),
-    "attn_q_norm": ("blk.{i}.attn_q_norm.weight", ("head_dim",), False),  # gemma3: per-head QK RMSNorm
-    "attn_k_norm": ("blk.{i}.attn_k_norm.weight", ("head_dim",), False),
-    "attn_post_norm": ("blk.{i}.post_attention_norm.weight", ("n_embd",), False),  # gemma3: sandwich norms
-    "ffn_post_norm": ("blk.{i}.post_ffw_norm.weight", ("n_embd",), False),
-}
-
-# Optional roles that an architecture requires (its forward pass reads them).
-REQUIRED_BY_ARCH: dict[str, tuple[str, ...]] = {
-    "gemma3": ("attn_q_norm", "attn_k_norm", "attn_post_norm", "ffn_post_norm"),
-}
-
-GLOBAL_TENSORS: dict[str, tuple[str, tuple[str, ...], bool]] = {
-    "tok_embd": ("token_embd.weight", ("n_embd", "n_vocab"), True),
-    "output_norm": ("output_norm.weight", ("n_embd",), True),
-    "output": ("output.weight", ("n_embd", "n_vocab"), False),  # absent: tied to token_embd
-    "rope_freqs": ("rope_freqs.weight", ("n_rot_pairs",), False),  # llama3 rope scaling factors
-}
+__all__ = ["GLOBAL_TENSORS", "LAYER_TENSORS", "REQUIRED_BY_ARCH", "LayerTensors", "ModelTensors", "TensorRef",
+           "load_tensors"]
 
 
 @dataclass(frozen=True)
@@ -97,34 +71,27 @@ class ModelTensors:
     layers: list[LayerTensors]
 
 
-def _lookup(f: Any, hp: HParams, name: str, dims: tuple[str, ...], required: bool, path: str) -> TensorRef | None:
-    """Find one tensor and check its shape; ModelError naming the tensor when missing or mis-shaped."""
+def _lookup(f: Any, name: str, dims: tuple[str, ...]) -> TensorRef | None:
+    """A tensor of the (already validated) file as stored, or None when the file has none of that name."""
     info = f.tensors.get(name)
     if info is None:
-        if required:
-            raise ModelError(f"{path}: tensor {name!r} is missing "
-                             f"(the metadata promises {hp.n_layer} layers of {hp.arch})")
         return None
-    want = tuple(int(getattr(hp, d)) for d in dims)
-    ne = tuple(int(n) for n in info.ne)
-    while len(ne) > len(want) and ne[-1] == 1:  # a [n, 1] vector is still a vector
-        ne = ne[:-1]
-    if ne != want:
-        raise ModelError(f"{path}: tensor {name!r} has shape {ne}, expected {want} ({', '.join(dims)})")
-    return TensorRef(name=name, type=GGMLType(int(info.type)), ne=ne, data=f.raw(name))
+    return TensorRef(name=name, type=GGMLType(int(info.type)), ne=squeeze_ne(info.ne, len(dims)), data=f.raw(name))
 
 
-def _group(f: Any, hp: HParams, table: dict, path: str, **fmt: int) -> dict[str, TensorRef | None]:
-    """Look up every role of a table, filling `{i}` in the names (roles the architecture needs are required)."""
-    need = REQUIRED_BY_ARCH.get(hp.arch, ())
-    return {role: _lookup(f, hp, tmpl.format(**fmt), dims, req or role in need, path)
-            for role, (tmpl, dims, req) in table.items()}
+def _group(f: Any, table: dict, **fmt: int) -> dict[str, TensorRef | None]:
+    """Look up every role of a table, filling `{i}` in the names."""
+    return {role: _lookup(f, tmpl.format(**fmt), dims) for role, (tmpl, dims, _) in table.items()}
 
 
 def load_tensors(f: Any, hp: HParams, path: str = "<model>") -> ModelTensors:
-    """Collect and validate every tensor of the model from an opened GGUF file."""
-    g = _group(f, hp, GLOBAL_TENSORS, path)
-    layers = [LayerTensors(**_group(f, hp, LAYER_TENSORS, path, i=i)) for i in range(hp.n_layer)]
+    """Validate the file's tensor table (qf.format.model_check, the rules the converter applies too), then
+    collect every tensor of the model; ModelError naming the tensor or key."""
+    table = {n: TensorDecl(tuple(int(x) for x in ti.ne), GGMLType(int(ti.type))) for n, ti in f.tensors.items()}
+    check_metadata(f.meta, hp, path)
+    check_tensors(hp, table, path, registered_types(), f.dequantize)
+    g = _group(f, GLOBAL_TENSORS)
+    layers = [LayerTensors(**_group(f, LAYER_TENSORS, i=i)) for i in range(hp.n_layer)]
     return ModelTensors(
         tok_embd=g["tok_embd"],
         output_norm=g["output_norm"],
