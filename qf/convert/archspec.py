@@ -9,21 +9,40 @@ from typing import Any, Callable
 
 import numpy as np
 
+from qf.convert.json_fields import Fields
 from qf.format.errors import ConvertError
 from qf.format.values import GGUFValueType
 
 REQUIRED = object()  # HParam.default: the config must provide the key
+LAYER_NUMBER = r"(?P<bid>0|[1-9][0-9]{0,5})"  # a layer number in a tensor name; longer ones match nothing
 
 
 @dataclass(frozen=True)
 class HParam:
-    """GGUF key `{arch}.{key}` from the first config key present in `hf` (also the key written back on export)."""
+    """GGUF key `{arch}.{key}` from the first config key present in `hf` (also the key written back on export).
+
+    default: REQUIRED, a value, or a callable of the resolved values ({GGUF key suffix: value})."""
 
     key: str
     hf: tuple[str, ...]
     vtype: GGUFValueType
     default: Any = REQUIRED
 
+
+# GGUF key suffix -> the config.json field(s) it comes from, for the keys outside an HParam table (messages).
+CONFIG_SOURCES: dict[str, str] = {
+    "rope.freq_base": "rope_theta",
+    "rope.dimension_count": "head_dim (or hidden_size / num_attention_heads)",
+    "attention.key_length": "head_dim",
+    "attention.value_length": "head_dim",
+    "rope.scaling.type": "rope_scaling.rope_type",
+    "rope.scaling.factor": "rope_scaling.factor",
+    "rope.freq_base_swa": "rope_local_base_freq",
+    "attention.sliding_window": "sliding_window",
+    "attention.sliding_window_pattern": "sliding_window_pattern (or layer_types)",
+    "final_logit_softcapping": "final_logit_softcapping",
+    "vocab_size": "vocab_size",
+}
 
 KV = tuple[str, Any, GGUFValueType]  # (full GGUF key, value, value type; for a list/array its element type)
 
@@ -52,8 +71,8 @@ def tensor_suffix(gguf_name: str) -> str:
 
 
 def _template_regex(template: str) -> re.Pattern[str]:
-    """'a.{bid}.b' -> regex matching it with the layer number captured."""
-    return re.compile("^" + re.escape(template).replace(re.escape("{bid}"), r"(?P<bid>0|[1-9][0-9]*)") + "$")
+    """'a.{bid}.b' -> regex matching it with the layer number captured (at most 6 digits)."""
+    return re.compile("^" + re.escape(template).replace(re.escape("{bid}"), LAYER_NUMBER) + "$")
 
 
 class NameMap:
@@ -102,38 +121,32 @@ def inverse_permutation(perm: np.ndarray) -> np.ndarray:
     return inv
 
 
-def _coerce(value: Any, hp: HParam, path: Path, key: str) -> Any:
-    """Check a config value against the GGUF value type it becomes."""
+def _coerce(f: Fields, hp: HParam, key: str) -> Any:
+    """A config value checked against the GGUF value type it becomes (the shared validator judges floats' range)."""
     if hp.vtype in (GGUFValueType.FLOAT32, GGUFValueType.FLOAT64):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return float(value) if ok else _bad(path, key, value, "a number")
+        return f.number(key, finite=False)
     if hp.vtype == GGUFValueType.BOOL:
-        return value if isinstance(value, bool) else _bad(path, key, value, "a boolean")
+        return f.bool(key)
     if hp.vtype == GGUFValueType.STRING:
-        return value if isinstance(value, str) else _bad(path, key, value, "a string")
-    ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
-    return value if ok else _bad(path, key, value, "a positive integer")
-
-
-def _bad(path: Path, key: str, value: Any, want: str) -> Any:
-    """Raise the error for a config value of the wrong kind."""
-    raise ConvertError(f"{path}: config.json {key!r} must be {want}, got {value!r}")
+        return f.str(key)
+    return f.int(key, lo=1)
 
 
 def resolve_hparams(spec: ArchSpec, cfg: dict[str, Any], path: Path) -> list[KV]:
-    """Every declared hyperparameter as a GGUF KV; one error lists all the missing config keys."""
-    out: list[KV] = []
+    """Every declared hyperparameter as a GGUF KV; one error lists all the missing config keys.
+
+    A callable default gets the resolved values by GGUF key suffix (e.g. head_count_kv = head_count)."""
+    f = Fields(cfg, path)
+    got: dict[str, Any] = {}
     missing: list[str] = []
     for hp in spec.hparams:
-        key = next((k for k in hp.hf if cfg.get(k) is not None), None)
+        key = next((k for k in hp.hf if f.has(k)), None)
         if key is None and hp.default is REQUIRED:
             missing.append(" or ".join(hp.hf))
-            continue
-        value = hp.default if key is None else _coerce(cfg[key], hp, path, key)
-        if callable(value):
-            value = value(cfg)
-        out.append((f"{spec.gguf_arch}.{hp.key}", value, hp.vtype))
+        else:
+            got[hp.key] = hp.default if key is None else _coerce(f, hp, key)
     if missing:
         raise ConvertError(f"{path}: config.json for {spec.hf_architectures[0]} is missing required keys: "
                            f"{', '.join(missing)}")
-    return out
+    return [(f"{spec.gguf_arch}.{hp.key}", got[hp.key](got) if callable(got[hp.key]) else got[hp.key], hp.vtype)
+            for hp in spec.hparams]

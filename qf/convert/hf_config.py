@@ -2,34 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from qf.convert.json_fields import Fields, read_json
 from qf.format.errors import ConvertError
+
+__all__ = ["CONFIG_NAME", "QUANT_METHODS", "architecture_of", "check_quantization", "load_config", "positive_int",
+           "read_json", "require_keys"]
 
 CONFIG_NAME = "config.json"
 
 # quant_method -> validator of its quantization_config. Empty until a quantized-checkpoint
 # importer registers itself here; anything else is rejected with this list in the message.
 QUANT_METHODS: dict[str, Callable[[dict[str, Any], Path], None]] = {}
-
-
-def read_json(path: Path, what: str) -> dict[str, Any]:
-    """A JSON object from a file, or ConvertError naming the file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConvertError(f"{path}: {what} not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConvertError(f"{path}: cannot read {what}: {e}") from None
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConvertError(f"{path}: {what} is not valid JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise ConvertError(f"{path}: {what} is not a JSON object")
-    return obj
 
 
 def load_config(model_dir: Path) -> dict[str, Any]:
@@ -75,7 +61,4 @@ def require_keys(cfg: dict[str, Any], keys: Iterable[str], arch: str, path: Path
 
 def positive_int(cfg: dict[str, Any], key: str, path: Path) -> int:
     """cfg[key] as an int > 0, or a ConvertError naming the key."""
-    v = cfg.get(key)
-    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-        raise ConvertError(f"{path}: config.json {key!r} must be a positive integer, got {v!r}")
-    return v
+    return Fields(cfg, path).int(key, lo=1)

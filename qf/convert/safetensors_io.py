@@ -91,8 +91,9 @@ def _parse_header(raw: bytes, path: Path) -> dict[str, Any]:
         obj = json.loads(text, object_pairs_hook=_reject_duplicates)
     except _DuplicateKey as e:
         raise FormatError(f"duplicate key {e.args[0]!r} in header", path=path, field="header") from None
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise FormatError(f"header is not valid JSON: {e}", path=path, field="header") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, the 4300-digit integer limit, deep nesting
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise FormatError(f"header is not valid JSON: {reason}", path=path, field="header") from None
     if not isinstance(obj, dict):
         raise FormatError("header is not a JSON object", path=path, field="header")
     return obj

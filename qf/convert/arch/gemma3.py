@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from qf.convert.archspec import KV, ArchSpec, HParam, shortest_f32, tensor_suffix
+from qf.convert.json_fields import Fields, short
 from qf.format.errors import ConvertError
 from qf.format.values import GGUFValueType as V
 
@@ -86,31 +87,36 @@ def _fail(path: Path, msg: str) -> ConvertError:
     return ConvertError(f"{path}: {msg}")
 
 
-def _rope(cfg: dict[str, Any], kind: str) -> dict[str, Any]:
+def _rope(cfg: dict[str, Any], kind: str, path: Path) -> Fields:
     """RoPE settings of one layer kind ("full_attention" | "sliding_attention") in either config format:
     transformers 5 `rope_parameters` per layer type, or 4's rope_theta / rope_local_base_freq / rope_scaling."""
-    rp = cfg.get("rope_parameters")
-    if isinstance(rp, dict) and isinstance(rp.get(kind), dict):
-        return dict(rp[kind])
+    f = Fields(cfg, path)
+    rp = f.obj_fields("rope_parameters")
+    if rp.has(kind):
+        return rp.obj_fields(kind)
     if kind == "sliding_attention":
-        return {"rope_type": "default", "rope_theta": cfg.get("rope_local_base_freq", ROPE_BASE_SWA)}
-    out = dict(cfg.get("rope_scaling") or {})
+        theta = f.number("rope_local_base_freq", ROPE_BASE_SWA, finite=False)
+        return Fields({"rope_type": "default", "rope_theta": theta}, path, "rope_local_base_freq.")
+    out = dict(f.obj_fields("rope_scaling").obj)
     out.setdefault("rope_type", out.get("type", "default"))
-    out["rope_theta"] = cfg.get("rope_theta", (rp or {}).get("rope_theta", ROPE_THETA_DEFAULT))
-    return out
+    out["rope_theta"] = f.number("rope_theta", rp.number("rope_theta", ROPE_THETA_DEFAULT, finite=False),
+                                 finite=False)
+    return Fields(out, path, "rope_scaling.")
 
 
 def sliding_flags(cfg: dict[str, Any], path: Path) -> list[bool]:
-    """Per layer: sliding window or not, from layer_types, else from the (_)sliding_window_pattern period."""
-    n = int(cfg["num_hidden_layers"])
-    types = cfg.get("layer_types")
-    if types is not None:
-        if not isinstance(types, list) or len(types) != n or any(t not in LAYER_TYPES for t in types):
-            raise _fail(path, f"'layer_types' must list {n} of {sorted(LAYER_TYPES)}, got {types!r}")
+    """Per layer: sliding window or not, from layer_types, else from the (_)sliding_window_pattern period.
+
+    num_hidden_layers has been checked against the block_count limit before this runs (the pipeline)."""
+    f = Fields(cfg, path)
+    n = f.int("num_hidden_layers", lo=1)
+    if f.has("layer_types"):
+        types = f.list("layer_types")
+        if len(types) != n or any(not isinstance(t, str) or t not in LAYER_TYPES for t in types):
+            raise _fail(path, f"'layer_types' must list {n} of {sorted(LAYER_TYPES)}, got {short(types)}")
         return [LAYER_TYPES[t] for t in types]
-    period = cfg.get("sliding_window_pattern", cfg.get("_sliding_window_pattern", SWA_PERIOD))
-    if not isinstance(period, int) or isinstance(period, bool) or period < 1:
-        raise _fail(path, f"'sliding_window_pattern' must be a positive integer, got {period!r}")
+    key = "sliding_window_pattern" if f.has("sliding_window_pattern") else "_sliding_window_pattern"
+    period = f.int(key, SWA_PERIOD, lo=1)
     return [i % period < period - 1 for i in range(n)]
 
 
@@ -128,9 +134,7 @@ def _swa_kv(cfg: dict[str, Any], path: Path) -> list[KV]:
     flags = sliding_flags(cfg, path)
     if not any(flags):
         return []
-    window = cfg.get("sliding_window")
-    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-        raise _fail(path, f"'sliding_window' must be a positive integer for sliding layers, got {window!r}")
+    window = Fields(cfg, path).int("sliding_window", lo=1)
     out: list[KV] = [(f"{ARCH}.attention.sliding_window", window, V.UINT32)]
     period = _period_of(flags)
     if period is None:
@@ -140,37 +144,45 @@ def _swa_kv(cfg: dict[str, Any], path: Path) -> list[KV]:
     return out
 
 
+def _rope_kind(rp: Fields) -> str:
+    """rope_type of one layer kind's settings ("default" when absent)."""
+    return rp.str("rope_type", None) or "default"
+
+
 def _rope_kv(cfg: dict[str, Any], path: Path) -> list[KV]:
     """rope.freq_base (global layers), linear scaling of the global layers, rope.freq_base_swa if not 10000."""
-    full, local = _rope(cfg, "full_attention"), _rope(cfg, "sliding_attention")
-    out: list[KV] = [(f"{ARCH}.rope.freq_base", float(full["rope_theta"]), V.FLOAT32)]
-    kind = str(full.get("rope_type") or "default")
+    full, local = _rope(cfg, "full_attention", path), _rope(cfg, "sliding_attention", path)
+    out: list[KV] = [(f"{ARCH}.rope.freq_base", full.number("rope_theta", ROPE_THETA_DEFAULT, finite=False),
+                      V.FLOAT32)]
+    kind = _rope_kind(full)
     if kind == "linear":
         out += [(f"{ARCH}.rope.scaling.type", "linear", V.STRING),
-                (f"{ARCH}.rope.scaling.factor", float(full["factor"]), V.FLOAT32)]
+                (f"{ARCH}.rope.scaling.factor", full.number("factor", finite=False), V.FLOAT32)]
     elif kind != "default":
         raise _fail(path, f"rope scaling {kind!r} of the global layers is not supported (supported: default, linear)")
-    if str(local.get("rope_type") or "default") != "default":
+    if _rope_kind(local) != "default":
         raise _fail(path, "rope scaling of the sliding-window layers is not supported (llama.cpp applies none)")
-    if float(local["rope_theta"]) != ROPE_BASE_SWA:
-        out.append((f"{ARCH}.rope.freq_base_swa", float(local["rope_theta"]), V.FLOAT32))
+    local_theta = local.number("rope_theta", ROPE_BASE_SWA, finite=False)
+    if local_theta != ROPE_BASE_SWA:
+        out.append((f"{ARCH}.rope.freq_base_swa", local_theta, V.FLOAT32))
     return out
 
 
 def _check_model(cfg: dict[str, Any], path: Path) -> None:
     """What the GGUF cannot express: another activation, attention soft-capping, a free query scale."""
-    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or GELU_TANH_NAMES[0]
+    f = Fields(cfg, path)
+    act = f.str("hidden_activation", None) or f.str("hidden_act", None) or GELU_TANH_NAMES[0]
     if act not in GELU_TANH_NAMES:
         raise _fail(path, f"hidden_activation {act!r} is not supported (gemma3 uses {GELU_TANH_NAMES[0]})")
-    if cfg.get("attn_logit_softcapping") is not None:
+    if f.has("attn_logit_softcapping"):
         raise _fail(path, "attn_logit_softcapping is not supported by gemma3 GGUF files")
-    heads, kv = cfg.get("num_attention_heads") or 8, cfg.get("num_key_value_heads") or 4
-    hidden, hd = cfg["hidden_size"], cfg.get("head_dim") or 256
+    heads, kv = f.int("num_attention_heads", 8, lo=1), f.int("num_key_value_heads", 4, lo=1)
+    hidden, hd = f.int("hidden_size", lo=1), f.int("head_dim", 256, lo=1)
     if heads % kv or hd % 2:
         raise _fail(path, f"{kv} kv heads must divide {heads} heads, and head_dim {hd} must be even")
-    want = hidden / heads if cfg["num_hidden_layers"] == WIDE_QUERY_LAYERS else hd
-    qpas = cfg.get("query_pre_attn_scalar", want)
-    if not math.isclose(float(qpas), float(want)):
+    want = hidden / heads if f.int("num_hidden_layers", lo=1) == WIDE_QUERY_LAYERS else hd
+    qpas = f.number("query_pre_attn_scalar", want)
+    if not math.isclose(qpas, float(want)):
         raise _fail(path, f"query_pre_attn_scalar {qpas} differs from the {want} llama.cpp derives for gemma3")
 
 
@@ -178,9 +190,9 @@ def extra_kv(cfg: dict[str, Any], path: Path) -> list[KV]:
     """Keys beyond the hyperparameter table: RoPE bases and scaling, sliding window, final soft-capping."""
     _check_model(cfg, path)
     out = _rope_kv(cfg, path) + _swa_kv(cfg, path)
-    cap = cfg.get("final_logit_softcapping")
+    cap = Fields(cfg, path).number("final_logit_softcapping", None, finite=False)
     if cap:
-        out.append((f"{ARCH}.final_logit_softcapping", float(cap), V.FLOAT32))
+        out.append((f"{ARCH}.final_logit_softcapping", cap, V.FLOAT32))
     return out
 
 

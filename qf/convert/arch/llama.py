@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from qf.convert.archspec import KV, ArchSpec, HParam, shortest_f32
+from qf.convert.json_fields import Fields
 from qf.format.errors import ConvertError
 from qf.format.values import GGUFValueType as V
 
@@ -49,7 +50,7 @@ HPARAMS = (
     HParam("block_count", ("num_hidden_layers",), V.UINT32),
     HParam("attention.head_count", ("num_attention_heads",), V.UINT32),
     HParam("attention.head_count_kv", ("num_key_value_heads",), V.UINT32,
-           default=lambda cfg: cfg["num_attention_heads"]),
+           default=lambda got: got["attention.head_count"]),
     HParam("attention.layer_norm_rms_epsilon", ("rms_norm_eps",), V.FLOAT32),
     HParam("vocab_size", ("vocab_size",), V.UINT32),
 )
@@ -63,75 +64,85 @@ LLAMA_PERMUTE = {
 ROPE_THETA_DEFAULT = 10000.0
 LLAMA3_ROPE_DEFAULTS = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                         "original_max_position_embeddings": 8192}
-SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")  # what the runtime implements (yarn: not yet)
+ROPE_KEYS = ("rope_parameters", "rope_scaling")  # transformers 5, transformers 4
 
 
 def head_dim(cfg: dict[str, Any], path: Path) -> int:
     """Per-head size: config head_dim, else hidden_size / num_attention_heads (which must divide)."""
-    hd = cfg.get("head_dim")
-    if hd is not None:
-        if not isinstance(hd, int) or isinstance(hd, bool) or hd <= 0 or hd % 2:
-            raise ConvertError(f"{path}: config.json 'head_dim' must be a positive even integer, got {hd!r}")
+    f = Fields(cfg, path)
+    if f.has("head_dim"):
+        hd = f.int("head_dim", lo=1)
+        if hd % 2:
+            raise f.error("head_dim", hd, "a positive even integer")
         return hd
-    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    hidden, heads = f.int("hidden_size", lo=1), f.int("num_attention_heads", lo=1)
     if hidden % heads:
         raise ConvertError(f"{path}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
     return hidden // heads
 
 
-def rope_params(cfg: dict[str, Any]) -> dict[str, Any]:
-    """RoPE settings from `rope_scaling` (transformers 4) or `rope_parameters` (transformers 5)."""
-    out: dict[str, Any] = {}
-    for key in ("rope_parameters", "rope_scaling"):
-        if isinstance(cfg.get(key), dict):
-            out.update(cfg[key])
-    return out
+def rope_params(cfg: dict[str, Any], path: Path) -> Fields:
+    """RoPE settings from `rope_scaling` (transformers 4) and/or `rope_parameters` (transformers 5), merged."""
+    f = Fields(cfg, path)
+    parts = [f.obj_fields(key) for key in ROPE_KEYS]
+    merged = {k: v for p in parts for k, v in p.obj.items()}
+    prefix = next((f"{key}." for key, p in zip(ROPE_KEYS, parts) if p.obj), "rope_scaling.")
+    return Fields(merged, path, prefix)
 
 
 def rope_type(cfg: dict[str, Any], path: Path) -> str:
     """The RoPE scaling kind, checked against what the runtime implements."""
-    rp = rope_params(cfg)
-    kind = str(rp.get("rope_type") or rp.get("type") or "default").lower()
-    if kind not in SUPPORTED_ROPE_TYPES:
+    rp = rope_params(cfg, path)
+    kind = rp.str("rope_type", None) or rp.str("type", None) or "default"
+    if kind.lower() not in SUPPORTED_ROPE_TYPES:
         raise ConvertError(f"{path}: unsupported rope scaling type {kind!r}; "
                            f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
-    return kind
+    return kind.lower()
+
+
+def rope_theta(cfg: dict[str, Any], path: Path) -> float:
+    """rope_theta (top level, else inside the rope parameters); its range is the shared validator's to judge."""
+    f = Fields(cfg, path)
+    if f.has("rope_theta"):
+        return f.number("rope_theta", finite=False)
+    return rope_params(cfg, path).number("rope_theta", ROPE_THETA_DEFAULT, finite=False)
 
 
 def _rope_kv(arch: str, cfg: dict[str, Any], path: Path) -> list[KV]:
-    """rope.freq_base, rope.dimension_count and the scaling keys of linear / yarn."""
-    rp = rope_params(cfg)
-    theta = cfg.get("rope_theta", rp.get("rope_theta", ROPE_THETA_DEFAULT))
-    out: list[KV] = [(f"{arch}.rope.freq_base", float(theta), V.FLOAT32),
+    """rope.freq_base, rope.dimension_count and the linear scaling keys."""
+    out: list[KV] = [(f"{arch}.rope.freq_base", rope_theta(cfg, path), V.FLOAT32),
                      (f"{arch}.rope.dimension_count", head_dim(cfg, path), V.UINT32)]
-    kind = rope_type(cfg, path)
-    if kind in ("linear", "yarn"):
-        out += [(f"{arch}.rope.scaling.type", kind, V.STRING),
-                (f"{arch}.rope.scaling.factor", float(rp["factor"]), V.FLOAT32)]
-    if kind == "yarn" and rp.get("original_max_position_embeddings"):
-        out.append((f"{arch}.rope.scaling.original_context_length", int(rp["original_max_position_embeddings"]),
-                    V.UINT32))
+    if rope_type(cfg, path) == "linear":
+        out += [(f"{arch}.rope.scaling.type", "linear", V.STRING),
+                (f"{arch}.rope.scaling.factor", rope_params(cfg, path).number("factor", finite=False), V.FLOAT32)]
     return out
-
-
-def _check_heads(cfg: dict[str, Any], path: Path) -> None:
-    """num_key_value_heads must divide num_attention_heads."""
-    heads = cfg["num_attention_heads"]
-    kv = cfg.get("num_key_value_heads") or heads
-    if heads % kv:
-        raise ConvertError(f"{path}: num_key_value_heads {kv} does not divide num_attention_heads {heads}")
 
 
 def extra_kv(arch: str):
     """KV beyond the plain hyperparameter table for one GGUF arch: RoPE and explicit head sizes."""
     def fn(cfg: dict[str, Any], path: Path) -> list[KV]:
-        _check_heads(cfg, path)
         out = _rope_kv(arch, cfg, path)
-        if cfg.get("head_dim") is not None:
+        if Fields(cfg, path).has("head_dim"):
             hd = head_dim(cfg, path)
             out += [(f"{arch}.attention.key_length", hd, V.UINT32), (f"{arch}.attention.value_length", hd, V.UINT32)]
         return out
     return fn
+
+
+def _llama3_params(cfg: dict[str, Any], path: Path) -> tuple[float, float, float, float, float]:
+    """(base, factor, low_freq_factor, high_freq_factor, original context) with llama.cpp's defaults, checked:
+    every one finite and > 0, high_freq_factor > low_freq_factor (the formula divides by both and their gap)."""
+    rp = rope_params(cfg, path)
+    d = LLAMA3_ROPE_DEFAULTS
+    base = rp.number("rope_theta", ROPE_THETA_DEFAULT, lo=0, lo_open=True)
+    if Fields(cfg, path).has("rope_theta"):
+        base = Fields(cfg, path).number("rope_theta", lo=0, lo_open=True)
+    factor = rp.number("factor", d["factor"], lo=0, lo_open=True)
+    lo = rp.number("low_freq_factor", d["low_freq_factor"], lo=0, lo_open=True)
+    hi = rp.number("high_freq_factor", d["high_freq_factor"], lo=lo, lo_open=True)
+    old_ctx = rp.int("original_max_position_embeddings", d["original_max_position_embeddings"], lo=1)
+    return base, factor, lo, hi, float(old_ctx)
 
 
 def llama3_rope_factors(cfg: dict[str, Any], path: Path) -> np.ndarray:
@@ -139,11 +150,8 @@ def llama3_rope_factors(cfg: dict[str, Any], path: Path) -> np.ndarray:
 
     Computed in float64 and rounded once; llama.cpp's float32 torch arithmetic lands within a few ulp.
     """
-    rp = {**LLAMA3_ROPE_DEFAULTS, **{k: v for k, v in rope_params(cfg).items() if v is not None}}
-    base = float(cfg.get("rope_theta", rp.get("rope_theta", ROPE_THETA_DEFAULT)))
-    dim = head_dim(cfg, path)
-    factor, lo, hi = float(rp["factor"]), float(rp["low_freq_factor"]), float(rp["high_freq_factor"])
-    old_ctx = float(rp["original_max_position_embeddings"])
+    base, factor, lo, hi, old_ctx = _llama3_params(cfg, path)
+    dim = head_dim(cfg, path)  # bounded: the pipeline has checked rope.dimension_count against its limit
     out = []
     for i in range(0, dim, 2):
         wavelen = 2 * math.pi * base ** (i / dim)  # 2 pi / freq
