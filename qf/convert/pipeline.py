@@ -12,14 +12,20 @@ from typing import Any, Callable
 
 import numpy as np
 
-from qf.convert.archspec import KV, ArchSpec, NameMap, head_permutation, resolve_hparams, tensor_suffix
-from qf.convert.checkpoint import Checkpoint
-from qf.convert.hf_config import architecture_of, check_quantization, load_config
+from qf.convert.archspec import (
+    CONFIG_SOURCES, KV, ArchSpec, NameMap, head_permutation, resolve_hparams, tensor_suffix,
+)
+from qf.convert.checkpoint import INDEX_NAME, Checkpoint
+from qf.convert.hf_config import CONFIG_NAME, architecture_of, check_quantization, load_config
+from qf.convert.json_fields import Fields
 from qf.convert.registry import spec_for_hf, supported_hf_architectures
 from qf.convert.safetensors_io import FLOAT_DTYPES
-from qf.convert.tokenizer import tokenizer_kv
-from qf.format.errors import ConvertError
+from qf.convert.tokenizer import TOKENIZER_FILES, tokenizer_kv
+from qf.format.errors import ConvertError, QFError
 from qf.format.ggml_types import GGMLType, row_bytes, tensor_bytes
+from qf.format.hparams import LIMITS, ModelCheckError, check_limits
+from qf.format.model_check import KVMetadata, TensorDecl, squeeze_ne, validate_model
+from qf.format.output_guard import refuse_input_as_output
 from qf.format.values import DEFAULT_ALIGNMENT
 from qf.format.values import GGUFValueType as V
 from qf.format.writer import QFWriter
@@ -31,6 +37,7 @@ QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
 CHUNK_ELEMENTS = 1 << 22  # rows are converted in chunks of about this many values (16 MiB of f32)
 Progress = Callable[[int, int, str], None]  # (bytes written, total bytes, tensor name)
 UNWEIGHTED = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16})  # types an imatrix cannot change
+INPUT_NAMES = (CONFIG_NAME, INDEX_NAME, *TOKENIZER_FILES)  # files of a checkpoint folder a conversion may read
 
 
 @dataclass
@@ -139,7 +146,7 @@ def _order_key(t: PlannedTensor, layer: int | None, rank: int) -> tuple[int, int
 def _plan_tensors(spec: ArchSpec, ckpt: Checkpoint, cfg: dict[str, Any], hp: dict[str, Any], mix: Mix,
                   where: Path, imatrix: ImportanceMatrix | None = None) -> list[PlannedTensor]:
     """One PlannedTensor per output tensor, in file order (with its importance, given an imatrix)."""
-    tied = bool(cfg.get("tie_word_embeddings")) or "lm_head.weight" not in ckpt
+    tied = Fields(cfg, where / CONFIG_NAME).bool("tie_word_embeddings", False) or "lm_head.weight" not in ckpt
     mapped = _map_names(spec, ckpt, tied)
     n_layers = int(hp["block_count"])
     _check_tensors(spec, mapped, n_layers, where)
@@ -167,6 +174,25 @@ def _plan_tensors(spec: ArchSpec, ckpt: Checkpoint, cfg: dict[str, Any], hp: dic
     return [t for _, t in sorted(keyed, key=lambda kt: kt[0])]
 
 
+def _vocab_rows(tensors: list[PlannedTensor], cfg: dict[str, Any], where: Path) -> int:
+    """Rows of the token embedding: the size the tokenizer is filled to, checked first against its limit and
+    against config.json vocab_size (nothing is sized by that number unchecked)."""
+    emb = next(t for t in tensors if t.name == "token_embd.weight")
+    ne = squeeze_ne(emb.ne, 2)
+    if len(ne) != 2:
+        raise ConvertError(f"{where}: tensor {emb.source} must be 2-D [vocab, hidden], has shape "
+                           f"{tuple(reversed(emb.ne))}")
+    rows = ne[1]
+    if rows > LIMITS["vocab_size"]:
+        raise ConvertError(f"{where}: tensor {emb.source} has {rows} rows; at most {LIMITS['vocab_size']} tokens "
+                           "are supported")
+    f = Fields(cfg, where / CONFIG_NAME)
+    if f.has("vocab_size") and f.int("vocab_size", lo=1, hi=LIMITS["vocab_size"]) != rows:
+        raise ConvertError(f"{where / CONFIG_NAME}: config.json 'vocab_size' {f.int('vocab_size')} disagrees with "
+                           f"the {rows} rows of {emb.source}")
+    return rows
+
+
 def _check_vocab(tensors: list[PlannedTensor], tok_kv: list[KV], where: Path) -> None:
     """The tokenizer must have exactly one token per embedding row."""
     n_tokens = len(next(v for k, v, _ in tok_kv if k == "tokenizer.ggml.tokens"))
@@ -175,36 +201,92 @@ def _check_vocab(tensors: list[PlannedTensor], tok_kv: list[KV], where: Path) ->
         raise ConvertError(f"{where}: tokenizer has {n_tokens} tokens but embed_tokens has {rows} rows")
 
 
+def _config_source(spec: ArchSpec, key: str) -> str | None:
+    """The config.json key(s) a GGUF key is made from, for messages."""
+    suffix = key.split(".", 1)[1] if key.startswith(spec.gguf_arch + ".") else key
+    table = {hp.key: " or ".join(hp.hf) for hp in spec.hparams}
+    return table.get(suffix) or CONFIG_SOURCES.get(suffix)
+
+
+def _as_convert_error(e: QFError, spec: ArchSpec, tensors: list[PlannedTensor], where: Path) -> ConvertError:
+    """A validator error (about the file we would write) restated in terms of the checkpoint."""
+    if not isinstance(e, ModelCheckError):
+        return ConvertError(f"{where}: {e}")
+    tail = "; the runtime would refuse the converted file, so nothing was written"
+    if e.tensor:
+        src = next((t.source for t in tensors if t.name == e.subject), None)
+        what = f"tensor {src!r} ({e.subject})" if src else f"generated tensor {e.subject!r} (from config.json)"
+        return ConvertError(f"{where}: {what}: {e.reason}{tail}")
+    src = _config_source(spec, e.subject)
+    if src is None:
+        return ConvertError(f"{where}: {e.subject}: {e.reason}{tail}")
+    return ConvertError(f"{where / CONFIG_NAME}: config.json {src!r} ({e.subject}): {e.reason}{tail}")
+
+
+def _checked_hparams(spec: ArchSpec, cfg: dict[str, Any], cfg_path: Path, where: Path) -> list[KV]:
+    """The hyperparameter keys, each size within the shared limits before any list or loop is sized by it."""
+    kv = resolve_hparams(spec, cfg, cfg_path)
+    _check_limits(spec, kv, where)
+    kv = kv + spec.extra_kv(cfg, cfg_path)  # after the check: extra_kv loops over num_hidden_layers
+    _check_limits(spec, kv, where)
+    return kv
+
+
+def _check_limits(spec: ArchSpec, kv: list[KV], where: Path) -> None:
+    """The shared size limits (qf.format.hparams.LIMITS) on the keys resolved so far."""
+    try:
+        check_limits(KVMetadata(kv, str(where)), spec.gguf_arch, str(where))
+    except QFError as e:
+        raise _as_convert_error(e, spec, [], where) from None
+
+
+def check_plan(spec: ArchSpec, kv: list[KV], tensors: list[PlannedTensor], where: Path) -> None:
+    """The file about to be written, through the validator the runtime loads with (qf.format.model_check)."""
+    table = {t.name: TensorDecl(t.ne, t.type) for t in tensors}
+    generated = {t.name: t.data for t in tensors if t.data is not None}
+    try:
+        validate_model(KVMetadata(kv, str(where)), table, str(where), registered_types(), generated.__getitem__)
+    except QFError as e:
+        raise _as_convert_error(e, spec, tensors, where) from None
+
+
 def plan_conversion(model_dir: str | Path, qtype: str, ckpt: Checkpoint | None = None,
                     imatrix: ImportanceMatrix | None = None) -> tuple[ConvertPlan, Checkpoint]:
-    """Validate config, tensors and tokenizer; decide every key and tensor type. Returns the open checkpoint too."""
+    """Validate config, tensors and tokenizer; decide every key and tensor type; check the whole plan with the
+    runtime's validator. Returns the open checkpoint too."""
     model_dir = Path(model_dir)
     mix = get_mix(qtype)
     if mix.default not in registered_types():
         raise ConvertError(f"type {qtype} needs a {mix.default.name} codec, which is not available")
     cfg = load_config(model_dir)
-    cfg_path = model_dir / "config.json"
+    cfg_path = model_dir / CONFIG_NAME
     check_quantization(cfg, cfg_path)
     spec = spec_for_hf(architecture_of(cfg, cfg_path, supported_hf_architectures()))
-    hparams = resolve_hparams(spec, cfg, cfg_path) + spec.extra_kv(cfg, cfg_path)
-    tok = tokenizer_kv(model_dir, cfg)
+    hparams = _checked_hparams(spec, cfg, cfg_path, model_dir)
     ckpt = ckpt or Checkpoint(model_dir)
     try:
         tensors = _plan_tensors(spec, ckpt, cfg, _config_ints(hparams), mix, model_dir, imatrix)
+        tok = tokenizer_kv(model_dir, cfg, _vocab_rows(tensors, cfg, model_dir))
         _check_vocab(tensors, tok, model_dir)
+        name = Fields(cfg, cfg_path).str("_name_or_path", None) or model_dir.resolve().name
+        general: list[KV] = [
+            ("general.architecture", spec.gguf_arch, V.STRING),
+            ("general.type", "model", V.STRING),
+            ("general.name", name.rstrip("/").rsplit("/", 1)[-1], V.STRING),
+            ("general.file_type", file_type(qtype), V.UINT32),
+            ("general.quantization_version", QUANTIZATION_VERSION, V.UINT32),
+        ]
+        kv = general + hparams + tok + (imatrix.kv() if imatrix is not None else [])
+        check_plan(spec, kv, tensors, model_dir)
     except BaseException:
         ckpt.close()
         raise
-    name = str(cfg.get("_name_or_path") or model_dir.resolve().name).rstrip("/").rsplit("/", 1)[-1]
-    general: list[KV] = [
-        ("general.architecture", spec.gguf_arch, V.STRING),
-        ("general.type", "model", V.STRING),
-        ("general.name", name, V.STRING),
-        ("general.file_type", file_type(qtype), V.UINT32),
-        ("general.quantization_version", QUANTIZATION_VERSION, V.UINT32),
-    ]
-    extra = imatrix.kv() if imatrix is not None else []
-    return ConvertPlan(spec, qtype.upper(), general + hparams + tok + extra, tensors), ckpt
+    return ConvertPlan(spec, qtype.upper(), kv, tensors), ckpt
+
+
+def input_files(model_dir: Path, ckpt: Checkpoint) -> list[Path]:
+    """Every file a conversion reads (those present): config, tokenizer files, the index and the shards."""
+    return [model_dir / n for n in INPUT_NAMES] + [f.path for f in ckpt.shards.values()]
 
 
 def _encode(ckpt: Checkpoint, t: PlannedTensor) -> np.ndarray:
@@ -293,6 +375,8 @@ def convert(model_dir: str | Path, out_path: str | Path, qtype: str = "Q8_0",
     t0 = time.perf_counter()
     plan, ckpt = plan_conversion(model_dir, qtype, imatrix=imatrix)
     try:
+        extra = [imatrix.path] if imatrix is not None else []
+        refuse_input_as_output(out_path, input_files(Path(model_dir), ckpt) + extra, ConvertError)
         if on_plan is not None:
             on_plan(plan)
         write_plan(plan, ckpt, out_path, progress)

@@ -91,7 +91,7 @@ def _stored_array(value: Any, elem: GGUFValueType, key: str, path: str) -> Any:
         return list(value)
     try:
         arr = np.asarray(value)
-        out = arr.astype(SCALAR[elem][1])
+        out = arr.astype(SCALAR[elem][1], copy=False)
     except (OverflowError, ValueError, TypeError) as e:
         raise FormatError(f"array cannot be stored as {elem.name}: {e}", path=path, field=key) from None
     if elem in INTEGER_TYPES and arr.size and not np.array_equal(out, arr):
