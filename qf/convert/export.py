@@ -1,4 +1,8 @@
-"""A .qf / .gguf file -> Hugging Face folder (safetensors, config.json, tokenizer files), written atomically."""
+"""A .qf / .gguf file -> Hugging Face folder (safetensors, config.json, tokenizer files), written atomically.
+
+The source is checked first by the runtime's validator (qf.format.model_check) and every other key it reads by
+its value type, so each failure is a QFError naming the file and the key or tensor; the output folder may not
+hold the source."""
 
 from __future__ import annotations
 
@@ -14,8 +18,11 @@ from qf.convert.registry import spec_for_gguf
 from qf.convert.safetensors_io import SafetensorsWriter, f32_to_bf16_bits
 from qf.convert.tokenizer_export import special_ids, write_tokenizer_files
 from qf.format.errors import ConvertError
+from qf.format.model_check import TensorDecl, validate_model
+from qf.format.output_guard import refuse_folder_over_input
 from qf.format.reader import GGUFFile, open_gguf
-from qf.format.values import GGUFValueType
+from qf.format.values import FLOAT_TYPES, INTEGER_TYPES, GGUFValueType
+from qf.quant.codecs import registered_types
 
 # dtype argument -> (safetensors dtype, f32 -> stored array)
 DTYPES = {
@@ -24,11 +31,47 @@ DTYPES = {
     "float32": ("F32", lambda x: x.astype(np.float32, copy=False)),
 }
 WEIGHTS_NAME = "model.safetensors"
+EXPORT_ROPE_TYPES = ("none", "linear", "yarn")  # yarn: the runtime cannot run it, but config.json can say it
+
+_S, _B, _I, _F = GGUFValueType.STRING, GGUFValueType.BOOL, tuple(INTEGER_TYPES), tuple(FLOAT_TYPES)
+# Keys the exporter reads beyond the hyperparameters (which validate_model reads typed) -> accepted value
+# types; an array is ("array", element types). "{arch}" is the file's architecture.
+TYPED_KEYS: dict[str, Any] = {
+    "tokenizer.ggml.model": (_S,), "tokenizer.ggml.pre": (_S,), "tokenizer.chat_template": (_S,),
+    "tokenizer.ggml.tokens": ("array", (_S,)), "tokenizer.ggml.merges": ("array", (_S,)),
+    "tokenizer.ggml.token_type": ("array", _I), "tokenizer.ggml.scores": ("array", _F),
+    "tokenizer.ggml.bos_token_id": _I, "tokenizer.ggml.eos_token_id": _I,
+    "tokenizer.ggml.unknown_token_id": _I, "tokenizer.ggml.padding_token_id": _I,
+    "tokenizer.ggml.add_bos_token": (_B,), "tokenizer.ggml.add_eos_token": (_B,),
+    "tokenizer.ggml.add_space_prefix": (_B,), "tokenizer.ggml.remove_extra_whitespaces": (_B,),
+    "{arch}.rope.scaling.type": (_S,), "{arch}.rope.scaling.original_context_length": _I,
+}
 
 
 def read_meta(f: GGUFFile) -> dict[str, Any]:
     """Every metadata key of an open file -> its value (arrays as numpy arrays or lists of str)."""
     return {k: f.meta.raw(k)[1] for k in f.meta.keys()}
+
+
+def typed_meta(f: GGUFFile, arch: str) -> dict[str, Any]:
+    """read_meta, with every key the exporter reads checked against its value type (FormatError naming it)."""
+    meta = read_meta(f)
+    for template, accepted in TYPED_KEYS.items():
+        key = template.format(arch=arch)
+        if key not in f.meta:
+            continue
+        if accepted[0] == "array":
+            meta[key] = f.meta.get_array(key, elem=accepted[1])
+        elif f.meta.raw(key)[0] not in accepted:
+            raise ConvertError(f"{f.path}: {key}: expected {' or '.join(t.name for t in accepted)}, "
+                               f"found {f.meta.raw(key)[0].name}")
+    return meta
+
+
+def _validate(f: GGUFFile, path: str) -> None:
+    """The source through the runtime's validator (shapes, layers, types with a codec), yarn scaling allowed."""
+    table = {n: TensorDecl(tuple(int(x) for x in ti.ne), ti.type) for n, ti in f.tensors.items()}
+    validate_model(f.meta, table, path, registered_types(), f.dequantize, rope_scaling_types=EXPORT_ROPE_TYPES)
 
 
 def _hf_names(f: GGUFFile, spec: ArchSpec) -> list[tuple[str, str]]:
@@ -101,9 +144,11 @@ def export_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: s
     """Dequantize a .qf/.gguf into an HF folder (model.safetensors, config.json, tokenizer and generation config)."""
     if dtype not in DTYPES:
         raise ConvertError(f"unsupported export dtype {dtype!r}; supported: {', '.join(DTYPES)}")
+    refuse_folder_over_input(out_dir, [gguf_path], ConvertError)
     with atomic_folder(out_dir, overwrite) as tmp, open_gguf(gguf_path) as f:
-        meta = read_meta(f)
-        spec = spec_for_gguf(str(meta.get("general.architecture")))
+        spec = spec_for_gguf(str(f.meta.get_str("general.architecture", "")))
+        _validate(f, os.fspath(gguf_path))
+        meta = typed_meta(f, spec.gguf_arch)
         cfg = _config(f, spec, meta, dtype)  # before the weights: fails fast on what cannot be exported
         st_dtype, cast = DTYPES[dtype]
         _write_weights(f, spec, meta, st_dtype, cast, tmp / WEIGHTS_NAME)

@@ -17,6 +17,8 @@ from qf.format.vocab import TokenType
 
 def _tokens(meta: dict[str, Any]) -> tuple[list[str], np.ndarray]:
     """Tokens and their types (NORMAL when the file has no token_type array)."""
+    if "tokenizer.ggml.tokens" not in meta:
+        raise ConvertError("tokenizer.ggml.tokens: missing (the file has no vocabulary to export)")
     tokens = list(meta["tokenizer.ggml.tokens"])
     types = np.asarray(meta.get("tokenizer.ggml.token_type", np.ones(len(tokens))), dtype=np.int64)
     if len(types) != len(tokens):
@@ -87,6 +89,8 @@ def spm_model(meta: dict[str, Any]) -> SpmModel:
     """SentencePiece model (BPE) for a llama-tokenizer file: pieces, scores, types and normalizer flags."""
     tokens, types = _tokens(meta)
     scores = np.asarray(meta.get("tokenizer.ggml.scores", np.zeros(len(tokens))), dtype=np.float32)
+    if len(scores) != len(tokens):
+        raise ConvertError(f"tokenizer.ggml.scores: {len(scores)} scores for {len(tokens)} tokens")
     ids = special_ids(meta, len(tokens))
     return SpmModel(
         pieces=tokens, scores=[float(s) for s in scores], types=[int(t) for t in types],

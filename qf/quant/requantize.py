@@ -5,7 +5,9 @@ taken in file order); float sources (F32/F16/BF16) are widened to f32 and quanti
 a time, tensors whose type does not change are copied byte for byte, and already-quantized sources are
 refused unless `allow_requantize` (then dequantized first, with a RequantizeWarning: quality is lost
 twice). All metadata is kept except `general.file_type` (set to the new mix) and the old checksums (the
-writer records fresh ones). The per-tensor write loop is qf.convert.pipeline.write_tensors.
+writer records fresh ones). The per-tensor write loop is qf.convert.pipeline.write_tensors. Before the output
+is opened, the planned file goes through the runtime's validator (qf.format.model_check) and the output path
+may not be the input.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from qf.convert.pipeline import (
 from qf.format.checksum import RESERVED_KEYS
 from qf.format.errors import ConvertError
 from qf.format.ggml_types import GGMLType, row_bytes
+from qf.format.model_check import KNOWN_ARCHS, KVMetadata, TensorDecl, validate_model
+from qf.format.output_guard import refuse_input_as_output
 from qf.format.reader import GGUFFile, Metadata, open_gguf
 from qf.format.values import ALIGNMENT_KEY
 from qf.format.values import GGUFValueType as V
@@ -182,6 +186,16 @@ def plan_requantize(f: GGUFFile, qtype: str, overrides: Overrides | None = None,
     return RequantPlan(qtype.upper(), kv, tensors, requantized)
 
 
+def check_output(f: GGUFFile, plan: RequantPlan) -> None:
+    """The file about to be written through the runtime's validator (qf.format.model_check), for the
+    architectures it knows; others are requantized as llama-quantize does, unchecked beyond the reader."""
+    meta = KVMetadata(plan.kv, str(f.path))
+    if meta.get_str("general.architecture", "") not in KNOWN_ARCHS:
+        return
+    table = {t.name: TensorDecl(tuple(int(x) for x in t.ne), t.type) for t in plan.tensors}
+    validate_model(meta, table, str(f.path), registered_types(), f.dequantize)
+
+
 # ---------------------------------------------------------------------------------------------- writing
 
 def tensor_encoder(f: GGUFFile) -> Callable[[PlannedTensor], np.ndarray]:
@@ -211,8 +225,10 @@ def requantize(in_path: str | Path, out_path: str | Path, qtype: str, overrides:
     """Requantize in_path to out_path (written atomically) under a --type mix, optional overrides and
     an optional importance matrix (qf.quant.imatrix.load_imatrix)."""
     t0 = time.perf_counter()
+    refuse_input_as_output(out_path, [in_path, imatrix.path if imatrix is not None else None], ConvertError)
     with open_gguf(in_path) as f:
         plan = plan_requantize(f, qtype, overrides, allow_requantize, imatrix)
+        check_output(f, plan)
         if plan.requantized:
             warnings.warn(f"{in_path}: requantizing {len(plan.requantized)} already-quantized tensors "
                           f"(first: {plan.requantized[0]}); quality is lost twice", RequantizeWarning, stacklevel=2)
