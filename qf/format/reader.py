@@ -2,12 +2,17 @@
 
 Mirrors the checks of llama.cpp's ggml/src/gguf.cpp (gguf_init_from_file_impl) and the data-range
 check of src/llama-model-loader.cpp; every failure is a FormatError naming file, field and offset.
+
+Beyond llama.cpp: only regular files are opened (a FIFO or device would block or misbehave), and the
+decoded metadata has a budget (MetadataLimits: values and estimated Python memory; defaults in
+qf.format.values, raised with $QF_MAX_METADATA_VALUES / $QF_MAX_METADATA_MIB or open_gguf(limits=...)).
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, NamedTuple
@@ -15,11 +20,12 @@ from typing import Any, Iterable, Iterator, NamedTuple
 import numpy as np
 
 from qf.format.checksum import CRC_KEY, TABLE_KEY, crc32, tensor_table_crc
-from qf.format.errors import FormatError
+from qf.format.errors import FormatError, QFError
 from qf.format.ggml_types import BLOCK, GGMLType
 from qf.format.values import (
-    ALIGNMENT_KEY, DEFAULT_ALIGNMENT, FLOAT_TYPES, GGUF_MAGIC, INT64_MAX, INTEGER_TYPES,
-    MAX_ALIGNMENT, MAX_ARRAY_DEPTH, MAX_ARRAY_LEN, MAX_DIMS, MAX_STRING_LEN, MAX_TENSOR_NAME,
+    ALIGNMENT_KEY, COST_KV, COST_LIST, COST_NDARRAY, COST_STR, COST_TENSOR, DEFAULT_ALIGNMENT, ENV_MAX_METADATA_MIB,
+    ENV_MAX_METADATA_VALUES, FLOAT_TYPES, GGUF_MAGIC, INT64_MAX, INTEGER_TYPES, MAX_ALIGNMENT, MAX_ARRAY_DEPTH,
+    MAX_ARRAY_LEN, MAX_DIMS, MAX_METADATA_BYTES, MAX_METADATA_VALUES, MAX_STRING_LEN, MAX_TENSOR_NAME,
     MIN_SIZE, SCALAR, SUPPORTED_VERSIONS, GGUFValueType,
 )
 
@@ -38,6 +44,33 @@ def _pad(n: int, alignment: int) -> int:
     return -(-n // alignment) * alignment
 
 
+def _env_limit(name: str, default: int, scale: int = 1) -> int:
+    """A positive integer from environment variable name (times scale), or default when unset."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        v = int(raw)
+    except ValueError:
+        v = 0
+    if v <= 0:
+        raise QFError(f"${name}: expected a positive integer, got {raw!r}")
+    return v * scale
+
+
+class MetadataLimits(NamedTuple):
+    """Budget for decoded metadata: Python objects (values) and their estimated memory (bytes)."""
+
+    max_values: int = MAX_METADATA_VALUES
+    max_bytes: int = MAX_METADATA_BYTES
+
+    @classmethod
+    def from_env(cls) -> "MetadataLimits":
+        """The defaults, overridden by $QF_MAX_METADATA_VALUES and $QF_MAX_METADATA_MIB (MiB)."""
+        return cls(_env_limit(ENV_MAX_METADATA_VALUES, MAX_METADATA_VALUES),
+                   _env_limit(ENV_MAX_METADATA_MIB, MAX_METADATA_BYTES, 1 << 20))
+
+
 # ---------------------------------------------------------------------------------------------
 # Cursor over the mapped bytes: bounds-checked primitive reads
 # ---------------------------------------------------------------------------------------------
@@ -45,10 +78,27 @@ def _pad(n: int, alignment: int) -> int:
 class _Cursor:
     """Reads little-endian primitives from buf, refusing to step past size."""
 
-    __slots__ = ("buf", "pos", "size", "path")
+    __slots__ = ("buf", "pos", "size", "path", "limits", "values", "mem")
 
-    def __init__(self, buf: Any, size: int, path: str) -> None:
+    def __init__(self, buf: Any, size: int, path: str, limits: MetadataLimits | None = None) -> None:
         self.buf, self.pos, self.size, self.path = buf, 0, size, path
+        self.limits = limits or MetadataLimits()
+        self.values = self.mem = 0  # metadata decoded so far: objects, estimated bytes
+
+    def charge(self, values: int, nbytes: int, field: str, offset: int) -> None:
+        """Count values and nbytes against the metadata budget before they are allocated."""
+        self.values += values
+        self.mem += nbytes
+        lim = self.limits
+        if self.values > lim.max_values:
+            raise self.error(f"metadata budget exceeded: decoding this value takes the metadata past "
+                             f"{lim.max_values:,} values (raise with ${ENV_MAX_METADATA_VALUES} or "
+                             "open_gguf(path, limits=MetadataLimits(max_values=...)))", field, offset)
+        if self.mem > lim.max_bytes:
+            raise self.error(f"metadata budget exceeded: decoding this value takes the metadata past an "
+                             f"estimated {lim.max_bytes / 2**20:g} MiB of memory (raise with "
+                             f"${ENV_MAX_METADATA_MIB} or open_gguf(path, limits=MetadataLimits(max_bytes=...)))",
+                             field, offset)
 
     def error(self, msg: str, field: str, offset: int | None = None) -> FormatError:
         """A FormatError at offset (default: the cursor)."""
@@ -105,24 +155,33 @@ class _Cursor:
             raise self.error(f"name is not valid UTF-8 ({e.reason} at byte {e.start})", field, start) from None
 
     def string_array(self, n: int, field: str) -> list[str]:
-        """n strings back to back (the hot loop for vocabularies and merges: kept flat)."""
+        """n strings back to back (the hot loop for vocabularies and merges: kept flat).
+
+        The n values and their headers are charged to the budget up front; the text bytes as they come."""
+        self.charge(n, n * COST_STR, field, self.pos)
+        room = self.limits.max_bytes - self.mem  # text bytes this array may still decode
         buf, pos, size, unpack = self.buf, self.pos, self.size, _U64.unpack_from
         out: list[str] = []
         append = out.append
+        text = 0
         for i in range(n):
             if pos + 8 > size:
                 self.pos = pos
                 raise self.truncated(pos + 8, f"{field}[{i}]")
             (ln,) = unpack(buf, pos)
             end = pos + 8 + ln
-            if ln > MAX_STRING_LEN or end > size:
+            text += ln
+            if ln > MAX_STRING_LEN or end > size or text > room:
                 self.pos = pos
                 if ln > MAX_STRING_LEN:
                     raise self.error(f"string length {ln} exceeds the limit of {MAX_STRING_LEN} bytes", f"{field}[{i}]")
-                raise self.truncated(end, f"{field}[{i}]")
+                if end > size:
+                    raise self.truncated(end, f"{field}[{i}]")
+                self.charge(0, text, f"{field}[{i}]", pos)  # raises: over the budget
             append(buf[pos + 8:end].decode("utf-8", "surrogateescape"))
             pos = end
         self.pos = pos
+        self.mem += text
         return out
 
 
@@ -155,8 +214,10 @@ def _read_scalar(cur: _Cursor, vtype: GGUFValueType, field: str) -> Any:
     return v != 0 if vtype is GGUFValueType.BOOL else v
 
 
-def _read_array(cur: _Cursor, field: str, depth: int) -> tuple[Any, GGUFValueType]:
-    """Element type, u64 count, elements -> (numpy array | list[str] | list of arrays, element type)."""
+def _read_array(cur: _Cursor, field: str, depth: int, prepaid: bool = False) -> tuple[Any, GGUFValueType]:
+    """Element type, u64 count, elements -> (numpy array | list[str] | list of arrays, element type).
+
+    prepaid: the enclosing array already charged this one as one value of COST_LIST bytes."""
     elem = _read_vtype(cur, f"{field}.type")
     count_at = cur.pos
     n = cur.u64(f"{field}.count")
@@ -167,6 +228,8 @@ def _read_array(cur: _Cursor, field: str, depth: int) -> tuple[Any, GGUFValueTyp
                             f" ({n} {elem.name} elements take at least {n * MIN_SIZE[elem]})")
     if elem in SCALAR:
         dt = SCALAR[elem][1]
+        cur.charge(0 if prepaid else 1, COST_NDARRAY - (COST_LIST if prepaid else 0)
+                   + n * dt.itemsize * (2 if elem is GGUFValueType.BOOL else 1), field, count_at)
         a = np.frombuffer(cur.buf, dtype=dt, count=n, offset=cur.pos).copy()
         cur.pos += n * dt.itemsize
         if elem is GGUFValueType.BOOL:
@@ -174,10 +237,54 @@ def _read_array(cur: _Cursor, field: str, depth: int) -> tuple[Any, GGUFValueTyp
         a.flags.writeable = False
         return a, elem
     if elem is GGUFValueType.STRING:
+        if not prepaid:
+            cur.charge(1, COST_LIST, field, count_at)
         return cur.string_array(n, field), elem
     if depth >= MAX_ARRAY_DEPTH:
         raise cur.error(f"arrays nested more than {MAX_ARRAY_DEPTH} deep", field, count_at - 4)
-    return [_read_array(cur, f"{field}[{i}]", depth + 1)[0] for i in range(n)], elem
+    cur.charge(1 + n, COST_LIST + n * (8 + COST_LIST), field, count_at)  # every inner array at its least
+    return _read_inner_arrays(cur, n, field, depth + 1), elem
+
+
+def _frozen_empty(dt: np.dtype) -> np.ndarray:
+    """A read-only empty array of dtype dt (shared: empty inner arrays cost a list slot, not an ndarray)."""
+    a = np.empty(0, dtype=dt)
+    a.flags.writeable = False
+    return a
+
+
+_ARRAY_HEAD = struct.Struct("<IQ")  # element type, count
+# Fast path for inner arrays: element type id -> (dtype, shared empty array); BOOL takes the slow path.
+_INNER_FAST = {int(t): (dt, _frozen_empty(dt)) for t, (_, dt) in SCALAR.items() if t is not GGUFValueType.BOOL}
+
+
+def _read_inner_arrays(cur: _Cursor, n: int, field: str, depth: int) -> list[Any]:
+    """The n arrays of an array of arrays (already charged at COST_LIST each): numeric ones inline, the
+    rest (strings, bools, anything malformed) through _read_array."""
+    out: list[Any] = []
+    append = out.append
+    buf, size, lim = cur.buf, cur.size, cur.limits.max_bytes
+    for i in range(n):
+        pos = cur.pos
+        fast = _INNER_FAST.get(_ARRAY_HEAD.unpack_from(buf, pos)[0]) if pos + 12 <= size else None
+        if fast is not None:
+            count = _ARRAY_HEAD.unpack_from(buf, pos)[1]
+            dt, empty = fast
+            end = pos + 12 + count * dt.itemsize
+            if count <= MAX_ARRAY_LEN and end <= size:
+                if count == 0:
+                    append(empty)
+                else:
+                    cur.mem += COST_NDARRAY - COST_LIST + count * dt.itemsize
+                    if cur.mem > lim:
+                        cur.charge(0, 0, f"{field}[{i}]", pos)  # raises: over the budget
+                    a = np.frombuffer(buf, dtype=dt, count=count, offset=pos + 12).copy()
+                    a.flags.writeable = False
+                    append(a)
+                cur.pos = end
+                continue
+        append(_read_array(cur, f"{field}[{i}]", depth, True)[0])
+    return out
 
 
 def _read_value(cur: _Cursor, vtype: GGUFValueType, field: str) -> tuple[Any, GGUFValueType | None]:
@@ -185,6 +292,11 @@ def _read_value(cur: _Cursor, vtype: GGUFValueType, field: str) -> tuple[Any, GG
     if vtype in SCALAR:
         return _read_scalar(cur, vtype, field), None
     if vtype is GGUFValueType.STRING:
+        at = cur.pos
+        n = cur.u64(field)  # peeked to charge the budget before the bytes are decoded
+        cur.pos = at
+        if n <= MAX_STRING_LEN:
+            cur.charge(0, COST_STR + n, field, at)
         return cur.raw_string(field).decode("utf-8", "surrogateescape"), None
     return _read_array(cur, field, 1)
 
@@ -197,6 +309,7 @@ def _read_kvs(cur: _Cursor, n_kv: int) -> dict[str, _Entry]:
         key = cur.name(f"kv[{i}].key")
         if key in entries:
             raise cur.error(f"duplicate key {key!r}", key, key_at)
+        cur.charge(0, len(key), key, key_at)  # the rest of the pair was charged with n_kv
         vtype = _read_vtype(cur, key)
         at = cur.pos
         value, elem = _read_value(cur, vtype, key)
@@ -383,6 +496,8 @@ def _read_counts(cur: _Cursor) -> tuple[int, int]:
     if cur.pos + t_min + kv_min > cur.size:
         raise cur.truncated(cur.pos + t_min + kv_min, "n_kv", at + 8,
                             f" (n_kv {n_kv} is more than the bytes left could hold)")
+    cur.charge(n_kv, n_kv * COST_KV, "n_kv", at + 8)
+    cur.charge(n_tensors, n_tensors * COST_TENSOR, "n_tensors", at)
     return n_tensors, n_kv
 
 
@@ -396,9 +511,9 @@ class _Header(NamedTuple):
     tensors: dict[str, TensorInfo]
 
 
-def _parse(buf: Any, size: int, path: str) -> _Header:
+def _parse(buf: Any, size: int, path: str, limits: MetadataLimits | None = None) -> _Header:
     """Parse and validate the whole header of a GGUF file held in buf."""
-    cur = _Cursor(buf, size, path)
+    cur = _Cursor(buf, size, path, limits)
     cur.need(4, "magic")
     if bytes(buf[0:4]) != GGUF_MAGIC:
         raise cur.error(f"bad magic {bytes(buf[0:4])!r}, expected {GGUF_MAGIC!r}: not a GGUF file", "magic", 0)
@@ -605,20 +720,60 @@ class GGUFFile:
                 if crc32(data[ti.offset:ti.offset + ti.nbytes]) != want]
 
 
-def open_gguf(path: str | os.PathLike) -> GGUFFile:
-    """Open, map and validate a GGUF file; raises FormatError on anything malformed."""
-    path = os.fspath(path)
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"))
+
+
+def _not_regular(mode: int) -> str | None:
+    """What kind of non-regular file mode describes (None for a regular file)."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((what for test, what in _FILE_KINDS if test(mode)), f"not a regular file (mode {mode:#o})")
+
+
+def _open_regular(path: str) -> int:
+    """A read-only descriptor on path, which must be a regular file (checked before and after opening).
+
+    The stat comes first so that a FIFO is never opened (open() would wait for a writer); O_NONBLOCK
+    and the fstat re-check cover a file swapped for a FIFO or device in between."""
     try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            if size < 4:
-                raise FormatError(f"corrupted or incomplete: need 4 bytes, have {size}",
-                                  path=path, field="magic", offset=0)
-            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        kind = _not_regular(os.stat(path).st_mode)
+        if kind is None:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+                         | getattr(os, "O_BINARY", 0))
+            try:
+                kind = _not_regular(os.fstat(fd).st_mode)
+            except OSError:
+                os.close(fd)
+                raise
+            if kind is None:
+                return fd
+            os.close(fd)
     except OSError as e:
         raise FormatError(f"cannot open: {e.strerror or e}", path=path) from None
+    raise FormatError(f"cannot open: {kind}, not a regular file (a model must be a GGUF file)", path=path)
+
+
+def open_gguf(path: str | os.PathLike, *, limits: MetadataLimits | None = None) -> GGUFFile:
+    """Open, map and validate a GGUF file; raises FormatError on anything malformed.
+
+    limits bounds the decoded metadata (default: MetadataLimits.from_env())."""
+    path = os.fspath(path)
+    limits = MetadataLimits.from_env() if limits is None else limits
+    fd = _open_regular(path)
     try:
-        header = _parse(mm, size, path)
+        size = os.fstat(fd).st_size
+        if size < 4:
+            raise FormatError(f"corrupted or incomplete: need 4 bytes, have {size}",
+                              path=path, field="magic", offset=0)
+        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise FormatError(f"cannot open: {e.strerror or e}", path=path) from None
+    finally:
+        os.close(fd)
+    try:
+        header = _parse(mm, size, path, limits)
     except BaseException:
         try:
             mm.close()

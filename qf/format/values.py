@@ -83,3 +83,18 @@ GGUF_MAGIC = b"GGUF"
 GGUF_VERSION = 3
 SUPPORTED_VERSIONS = frozenset({2, 3})  # gguf.cpp: v1 is rejected, v2 and v3 share one layout
 ALIGNMENT_KEY = "general.alignment"
+
+# Budget for the decoded metadata: a file can be tiny on disk and huge as Python objects (millions of
+# empty nested arrays: 12 bytes each on disk, ~120 in memory). The largest real vocabularies (262k tokens,
+# ~400k merges) take under 1M values and ~60 MiB. Raise with the environment variables below (read at
+# each open) or open_gguf(path, limits=MetadataLimits(...)).
+MAX_METADATA_VALUES = 4_000_000  # Python objects: keys, tensor infos, strings, arrays (numeric array: one)
+MAX_METADATA_BYTES = 256 << 20  # estimated Python memory of keys, values, containers and tensor infos
+ENV_MAX_METADATA_VALUES = "QF_MAX_METADATA_VALUES"
+ENV_MAX_METADATA_MIB = "QF_MAX_METADATA_MIB"
+# Estimated Python memory per decoded object (CPython 3.11, 64-bit), bytes on top of the payload.
+COST_KV = 200  # dict slot, key str header, entry tuple, scalar value
+COST_TENSOR = 400  # tensor info as read and as placed: name, shape tuple, records, dict and set slots
+COST_STR = 64  # str header (49..76) + list slot
+COST_LIST = 64  # empty list + slot in the parent
+COST_NDARRAY = 120  # ndarray header + slot in the parent
