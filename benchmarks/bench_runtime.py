@@ -39,7 +39,7 @@ def numpy_baseline_backend() -> type:
     class NumpyBackend(CpuBackend):
         name = "numpy"
 
-        def linear(self, w: Any, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+        def linear(self, w: Any, x: np.ndarray, bias: np.ndarray | None = None, exact_rows: bool = False) -> np.ndarray:
             """x [M, n_in] @ dequantize(w).T -> [M, n_out]."""
             y = x @ get_codec(w.type).dequantize(w.data).T  # w: [n_out, n_in] f32, made anew per call
             return y + bias if bias is not None else y

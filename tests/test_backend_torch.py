@@ -18,6 +18,7 @@ from qf.format.errors import ModelError  # noqa: E402
 from qf.format.ggml_types import BLOCK, GGMLType  # noqa: E402
 from qf.format.reader import open_gguf  # noqa: E402
 from qf.quant.codecs import get_codec, registered_types  # noqa: E402
+from qf.runtime.kv_cache import KVSpec  # noqa: E402
 from qf.runtime.backend_torch import TorchBackend, cuda_available  # noqa: E402
 from qf.runtime.kernels import torch_dequant as tq  # noqa: E402
 from qf.runtime.weights import TensorRef  # noqa: E402
@@ -263,7 +264,7 @@ def test_rope(neox, n_rot):
     be = TorchBackend("cpu")
     t = torch.from_numpy(x.copy())
     be.rope(t, torch.from_numpy(np.cos(theta).astype(np.float32)), torch.from_numpy(np.sin(theta).astype(np.float32)),
-            neox)
+            np.arange(5), neox)
     np.testing.assert_allclose(t.numpy(), rope_reference(x, pos, n_rot, 10000.0, neox), rtol=1e-5, atol=1e-5)
 
 
@@ -279,25 +280,25 @@ def attention_reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos0: int) 
     return np.einsum("hmt,thd->mhd", p, vv).reshape(m, -1)
 
 
-@pytest.mark.parametrize("kv_dtype,tol", [(None, 1e-5), ("f16", 3e-3)])
-def test_kv_cache_and_attention(kv_dtype, tol):
+@pytest.mark.parametrize("kv_type,tol", [("f32", 1e-5), ("f16", 3e-3), ("q8_0", 3e-2), ("q4_0", 0.3)])
+def test_kv_cache_and_attention(kv_type, tol):
     """Prefill 4 tokens, then decode 1 and a chunk of 3 at pos0 > 0: causal GQA over the device cache."""
     rng = np.random.default_rng(4)
-    n_head, n_kv, d, n_ctx = 6, 2, 16, 12
-    be = TorchBackend("cpu", kv_dtype=kv_dtype)
-    kc, vc = be.kv_buffers(n_kv, n_ctx, d)
-    assert kc.shape == (n_kv, n_ctx, d) and kc.dtype == (torch.float16 if kv_dtype else torch.float32)
+    n_head, n_kv, d, n_ctx = 6, 2, 32, 12
+    be = TorchBackend("cpu")
+    kv = be.kv_layer(KVSpec(2, n_ctx, n_kv, d, d, kv_type, kv_type))
     ks = rng.standard_normal((8, n_kv, d)).astype(np.float32)
     vs = rng.standard_normal((8, n_kv, d)).astype(np.float32)
     qs = rng.standard_normal((8, n_head, d)).astype(np.float32)
     for pos0, n in ((0, 4), (4, 1), (5, 3)):
         sl = slice(pos0, pos0 + n)
-        be.kv_store(kc, vc, torch.from_numpy(ks[sl]), torch.from_numpy(vs[sl]), pos0)
-        got = be.attention(torch.from_numpy(qs[sl]), kc, vc, pos0).numpy()
+        pos, slots = np.arange(pos0, pos0 + n), np.ones(n, dtype=np.int64)  # slot 1
+        kv.store(torch.from_numpy(ks[sl]), torch.from_numpy(vs[sl]), slots, pos)
+        got = kv.attend(torch.from_numpy(qs[sl]), slots, pos).numpy()
         want = attention_reference(qs[sl], ks[:pos0 + n], vs[:pos0 + n], pos0)
         assert got.shape == (n, n_head * d) and got.dtype == np.float32
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
-    assert not kc[:, 8:].any()  # nothing written past the last position
+    assert not kv.k[0][1, :, 8:].any() and not kv.k[0][0].any()  # nothing past the last position, slot 0 untouched
 
 
 def test_swiglu_and_residual():

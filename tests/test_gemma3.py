@@ -229,7 +229,7 @@ def test_tiny_logits_match_reference(tiny_gemmas: dict[str, Path], variant: str)
     from qf.runtime import Model
 
     ref = RefGemma3(tiny_gemmas[variant]).logits(TOKENS)
-    with Model.load(tiny_gemmas[variant], n_ctx=64, n_threads=1, n_batch=5) as m:
+    with Model.load(tiny_gemmas[variant], n_ctx=64, n_threads=1, n_batch=5, type_k="f32", type_v="f32") as m:
         got = m.logits(TOKENS)
     _close(got, ref)
 
@@ -240,7 +240,7 @@ def test_tiny_decode_matches_reference(tiny_gemmas: dict[str, Path], variant: st
     from qf.runtime import Model
 
     prompt = TOKENS[:4]
-    with Model.load(tiny_gemmas[variant], n_ctx=64, n_threads=1) as m:
+    with Model.load(tiny_gemmas[variant], n_ctx=64, n_threads=1, type_k="f32", type_v="f32") as m:
         gen = m.generate(prompt, max_tokens=10, temperature=0)
         list(gen)
     want = RefGemma3(tiny_gemmas[variant]).greedy(prompt, len(gen.tokens))
@@ -278,7 +278,7 @@ def test_torch_backend_with_device_crossings(tiny_gemmas: dict[str, Path]) -> No
         hp = hparams_from_metadata(f.meta, A, str(path))
         pl = Placement(layers=(cpu,) * 3 + (tb,) * 4, embed=cpu, head=tb)
         fwd = build_forward(Gemma3Forward, hp, ARCHS[A], load_tensors(f, hp, str(path)), pl, 64)
-        cache = fwd.new_cache()
+        cache = fwd.new_cache(1, "f32", "f32")
         got = np.concatenate([fwd.forward(np.asarray(TOKENS[:9]), 0, cache, all_logits=True),
                               fwd.forward(np.asarray(TOKENS[9:10]), 9, cache),  # decode: one query
                               fwd.forward(np.asarray(TOKENS[10:]), 10, cache, all_logits=True)])
@@ -325,23 +325,27 @@ def _attention_ref(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos0: int, scale
     return np.einsum("hqk,khd->qhd", s / s.sum(-1, keepdims=True), v).reshape(q.shape[0], -1)
 
 
+@pytest.mark.parametrize("kv_type,tol", [("f32", 2e-5), ("f16", 3e-3)])
 @pytest.mark.parametrize("window", [0, 1, 3, 40])
 @pytest.mark.parametrize("scale", [None, 0.3])
-def test_attention_window_and_scale_on_every_backend(window: int, scale: float | None) -> None:
-    """Prefill chunks and single decode steps over one cache: windowed, scaled GQA against numpy."""
+def test_attention_window_and_scale_on_every_backend(window: int, scale: float | None, kv_type: str,
+                                                     tol: float) -> None:
+    """Prefill chunks and single decode steps over one cache slot: windowed, scaled GQA against numpy."""
+    from qf.runtime.kv_cache import KVSpec
+
     rng = np.random.default_rng(window)
     n_ctx, hkv, h, d = 24, 2, 4, 16
     q, k, v = (rng.standard_normal((n_ctx, n, d)).astype(np.float32) for n in (h, hkv, hkv))
     want_scale = 1 / math.sqrt(d) if scale is None else scale
     for be in _backends():
-        kc, vc = be.kv_buffers(hkv, n_ctx, d)
+        kv = be.kv_layer(KVSpec(3, n_ctx, hkv, d, d, kv_type, kv_type))
         for pos0, n in ((0, 7), (7, 1), (8, 1), (9, 10), (19, 5)):
             sl = slice(pos0, pos0 + n)
-            be.kv_store(kc, vc, be.from_host(k[sl]).reshape(n, hkv, d), be.from_host(v[sl]).reshape(n, hkv, d), pos0)
-            got = be.to_host(be.attention(be.from_host(q[sl]).reshape(n, h, d), kc, vc, pos0, scale=scale,
-                                          window=window))
+            pos, slots = np.arange(pos0, pos0 + n, dtype=np.int64), np.full(n, 2, dtype=np.int64)
+            kv.store(be.from_host(k[sl]).reshape(n, hkv, d), be.from_host(v[sl]).reshape(n, hkv, d), slots, pos)
+            got = be.to_host(kv.attend(be.from_host(q[sl]).reshape(n, h, d), slots, pos, scale=scale, window=window))
             want = _attention_ref(q[sl], k[:pos0 + n], v[:pos0 + n], pos0, want_scale, window)
-            np.testing.assert_allclose(got, want, rtol=0, atol=2e-5, err_msg=f"{be.name} pos0={pos0}")
+            np.testing.assert_allclose(got, want, rtol=0, atol=tol, err_msg=f"{be.name} pos0={pos0}")
 
 
 def test_geglu_and_scale_on_every_backend() -> None:
@@ -365,7 +369,7 @@ def test_gemma3_270m_greedy_and_logits_match_reference(gemma3_gguf: Path) -> Non
     """Our greedy tokens are the reference's (teacher forcing, as in the SmolLM2 test) and the logits agree."""
     from qf.runtime import Model
 
-    with Model.load(gemma3_gguf, n_ctx=128, n_threads=2) as m:
+    with Model.load(gemma3_gguf, n_ctx=128, n_threads=2, type_k="f32", type_v="f32") as m:
         prompt = m.tokenize("The capital of France is")
         gen = m.generate(prompt, max_tokens=10, temperature=0)
         text = "".join(gen)
@@ -391,7 +395,7 @@ def test_gemma3_270m_chat_answers_paris(gemma3_gguf: Path) -> None:
     msgs = [{"role": "user", "content": "What is the capital of Germany?"},
             {"role": "assistant", "content": "The capital of Germany is Berlin."},
             {"role": "user", "content": "What is the capital of France?"}]
-    with Model.load(gemma3_gguf, n_ctx=256, n_threads=2) as m:
+    with Model.load(gemma3_gguf, n_ctx=256, n_threads=2, type_k="f32", type_v="f32") as m:
         gen = m.chat(msgs, max_tokens=16, stop=["<|im_end|>", "\n"], temperature=0)
         answer = "".join(gen)
     assert "Paris" in answer, answer
@@ -468,12 +472,12 @@ def test_converted_tiny_checkpoint_matches_transformers(tmp_path: Path, tiny_spm
     tokens = [1, 17, 250, 33, 90, 5, 301, 64, 77, 12, 150, 8, 200, 45]
     want = _transformers_logits(d, tokens)
     convert(d, tmp_path / "g.qf", "F32")
-    with Model.load(tmp_path / "g.qf", n_ctx=64, n_threads=1, n_batch=6) as m:
+    with Model.load(tmp_path / "g.qf", n_ctx=64, n_threads=1, n_batch=6, type_k="f32", type_v="f32") as m:
         got = m.logits(tokens)
     _close(got, want)
     _close(RefGemma3(tmp_path / "g.qf").logits(tokens), want)  # the reference reads the converted file alike
     convert(d, tmp_path / "g8.qf", "Q8_0")
-    with Model.load(tmp_path / "g8.qf", n_ctx=64, n_threads=1) as m:
+    with Model.load(tmp_path / "g8.qf", n_ctx=64, n_threads=1, type_k="f32", type_v="f32") as m:
         got8 = m.logits(tokens)
     _close(got8, RefGemma3(tmp_path / "g8.qf").logits(tokens))  # exact up to summation order
     _close(got8, want, rel=0.1)  # Q8_0 rounding of tiny random weights moves logits a few percent
@@ -579,7 +583,7 @@ def test_gemma3_270m_export_and_reconvert(gemma3_gguf: Path, tmp_path: Path) -> 
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (cfg["architectures"], cfg["sliding_window"], cfg["head_dim"]) == (["Gemma3ForCausalLM"], 512, 256)
     # transformers on the exported weights (the dequantized values rounded to f16) agrees with our runtime
-    with Model.load(gemma3_gguf, n_ctx=64, n_threads=2) as m:
+    with Model.load(gemma3_gguf, n_ctx=64, n_threads=2, type_k="f32", type_v="f32") as m:
         tokens = m.tokenize("Gemma is a family of lightweight open models")
         ours = m.logits(tokens)
     theirs = _transformers_logits(tmp_path / "hf", tokens)

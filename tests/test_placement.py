@@ -15,6 +15,7 @@ from qf.runtime.arch.llama import ARCHS, LlamaForward
 from qf.runtime.backend import CpuBackend
 from qf.runtime.hparams import hparams_from_metadata
 from qf.runtime.placement import Placement, build_forward, placement_from_plan, uniform_placement
+from qf.runtime.kv_cache import KVSpec
 from qf.runtime.planner import plan_from_file
 from qf.runtime.weights import load_tensors
 
@@ -103,10 +104,29 @@ def test_two_gpus_get_their_own_backends(smollm2_gguf):
     assert pl.crossings() == 2  # CPU embedding -> cuda:0 -> cuda:1
 
 
-def test_cuda_stand_in_keeps_f32_and_cuda_gets_plan_kv(smollm2_gguf):
+def test_cuda_stand_in_keeps_f32(smollm2_gguf):
     p = plan(smollm2_gguf, 5)
     be = placement_from_plan(p, device_map=ON_CPU).layers[-1]
-    assert be.device.type == "cpu" and be.kv_dtype == torch.float32 and be.weight_dtype == torch.float32
+    assert be.device.type == "cpu" and be.attn_dtype == torch.float32 and be.weight_dtype == torch.float32
+
+
+@pytest.mark.parametrize("type_k,type_v", [("f32", "f32"), ("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "f16")])
+def test_plan_kv_bytes_equal_what_the_backends_allocate(model, smollm2_gguf, type_k, type_v):
+    """One KVSpec: the plan's KV bytes per device are what the CPU and torch caches allocate, for every type."""
+    hp, tensors = model
+    p = plan_from_file(smollm2_gguf, gpu_layers=12, vram="4GiB", devices=[],
+                       kv_spec=KVSpec(3, 64, hp.n_head_kv, hp.head_dim, hp.head_dim, type_k, type_v))
+    pl = placement_from_plan(p, device_map=ON_CPU)
+    fwd = build_forward(LlamaForward, hp, ARCHS["llama"], tensors, pl, 64)
+    cache = fwd.new_cache(3, type_k, type_v)
+    got: dict[str, int] = {}
+    for be, layer in zip(pl.layers, cache.layers):
+        name = "cpu" if isinstance(be, CpuBackend) else "cuda:0"
+        got[name] = got.get(name, 0) + layer.nbytes
+    assert got == {"cpu": p.device_usage("cpu").kv, "cuda:0": p.device_usage("cuda:0").kv}
+    per_value = {"f32": 4, "f16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32}
+    want = 30 * 3 * 64 * hp.n_head_kv * hp.head_dim * (per_value[type_k] + per_value[type_v])
+    assert sum(got.values()) == cache.nbytes() == want
 
 
 @pytest.mark.parametrize("gpu_layers", [12, 31])
@@ -173,7 +193,7 @@ def test_smollm2_logits_match_cpu(model, smollm2_gguf, cpu_logits, gpu_layers, v
 def test_smollm2_cuda_precision_on_cpu(model, cpu_logits):
     """The CUDA dtypes (fp16 dequant + matmul, fp16 KV cache) run on the CPU: fp16-sized noise, same argmax."""
     hp, tensors = model
-    gpu = TorchBackend("cpu", weight_dtype=torch.float16, kv_dtype="f16")
+    gpu = TorchBackend("cpu", weight_dtype=torch.float16)
     pl = Placement(layers=(gpu,) * hp.n_layer, embed=CpuBackend(), head=gpu)
     got = run(build_forward(LlamaForward, hp, ARCHS["llama"], tensors, pl, 64))
     diff = float(np.abs(got - cpu_logits).max())

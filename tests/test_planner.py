@@ -291,7 +291,7 @@ def test_ngl_without_gpu_and_bad_values():
     for bad in (-1, "many", 2.5, True):
         with pytest.raises(PlanError):
             plan_placement(toy(), cfg(), [gpu(GiB)], RAM, bad)
-    for bad in (dict(n_ctx=0), dict(n_ctx=8, n_batch=0), dict(n_ctx=8, kv_dtype="q4_0")):
+    for bad in (dict(n_ctx=0), dict(n_ctx=8, n_batch=0), dict(n_ctx=8, kv_dtype="q5_7"), dict(n_ctx=8, type_v="bf17"), dict(n_ctx=8, n_seq=0)):
         with pytest.raises(PlanError):
             PlanConfig(**bad)
 

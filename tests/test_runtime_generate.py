@@ -146,14 +146,18 @@ def test_cancel_from_another_thread(smollm2_gguf: Path) -> None:
         assert 3 <= len(gen.tokens) <= 4
 
 
-def test_new_generation_supersedes_the_old_one(tiny: Path) -> None:
+def test_a_second_generation_waits_instead_of_cancelling_the_first(tiny: Path) -> None:
+    """One KV slot: a second request queues behind the first; both finish with their own tokens."""
     with Model.load(tiny, n_ctx=64) as m:
+        alone_old = m.generate([40, 41], max_tokens=20, temperature=0).wait().tokens
+        alone_new = m.generate([50, 51], max_tokens=5, temperature=0).wait().tokens
         old = m.generate([40, 41], max_tokens=20, temperature=0)
         next(iter(old), None)
         new = m.generate([50, 51], max_tokens=5, temperature=0)
         list(new)
         list(old)
-        assert old.finish_reason == "cancelled" and new.finish_reason == "length"
+        assert old.finish_reason == "length" and new.finish_reason == "length"
+        assert old.tokens == alone_old and new.tokens == alone_new
 
 
 def test_two_models_in_one_process(tiny: Path, tmp_path: Path) -> None:

@@ -54,12 +54,12 @@ class CollectingBackend(CpuBackend):
             self._names[id(m)] = t.name
         return m
 
-    def linear(self, w: Any, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    def linear(self, w: Any, x: np.ndarray, bias: np.ndarray | None = None, exact_rows: bool = False) -> np.ndarray:
         """x @ w.T (+ bias), after adding x's squares to w's statistics (batches of 16+ rows)."""
         name = self._names.get(id(w))
         if name is not None and x.shape[0] >= MIN_TOKENS:
             self.stats.add(name, x)
-        return super().linear(w, x, bias)
+        return super().linear(w, x, bias, exact_rows)
 
 
 def compute_imatrix(model_path: str | os.PathLike, text: str, n_ctx: int = 512, max_chunks: int | None = None,

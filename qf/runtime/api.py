@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import time
+import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -18,6 +20,8 @@ from qf.runtime.planner import Plan, plan_from_file
 from qf.runtime.chat import ChatTemplate, chat_template_from_metadata
 from qf.runtime.generate import Engine, FinishReason, Generation, GenerationStats
 from qf.runtime.hparams import HParams, hparams_from_metadata
+from qf.runtime.kv_cache import DEFAULT_KV_TYPE, KVSpec
+from qf.runtime.scheduler import Scheduler
 from qf.runtime.sampler import SamplingParams
 from qf.runtime.threads import DecodeThreads
 from qf.runtime.tokenizer import Tokenizer, load_tokenizer
@@ -27,6 +31,8 @@ from qf.runtime.weights import load_tensors
 # forward class. A new architecture adds its module here.
 ARCH_MODULES: dict[str, str] = {"qf.runtime.arch.llama": "LlamaForward", "qf.runtime.arch.gemma3": "Gemma3Forward"}
 DEFAULT_N_CTX = 4096
+MAX_SLOTS = 256  # KV slots (parallel sequences) one model may hold
+RAM_HEADROOM = 0.9  # the CPU KV cache may take at most this share of the available memory
 
 
 def _architecture(meta: Any, path: str) -> tuple[str, Any, type]:
@@ -53,13 +59,15 @@ def _tokenizer(meta: Any, hp: HParams, path: str) -> Tokenizer:
 
 
 def _placement(path: str, n_ctx: int, n_batch: int, n_layer: int, cpu: CpuBackend,
-               gpu_layers: int | str | None, vram: Any, tensor_split: Any) -> tuple[Placement, Plan | None]:
+               gpu_layers: int | str | None, vram: Any, tensor_split: Any,
+               kv: KVSpec | None = None) -> tuple[Placement, Plan | None]:
     """Where each layer runs: all on the CPU backend (gpu_layers 0), else as the planner places them."""
     if gpu_layers is None:
         gpu_layers = "auto" if gpu_may_exist() else 0
     if gpu_layers == 0:
         return uniform_placement(n_layer, cpu), None
-    plan = plan_from_file(path, n_ctx, gpu_layers, vram=vram, n_batch=n_batch, tensor_split=tensor_split)
+    plan = plan_from_file(path, n_ctx, gpu_layers, vram=vram, n_batch=n_batch, tensor_split=tensor_split,
+                          kv_spec=kv)
     if plan.hypothetical and plan.n_gpu_layers:
         raise PlanError(f"{path}: the plan puts {plan.n_gpu_layers} layers on a GPU but no CUDA device is "
                         "visible; run with gpu_layers=0, or print the what-if plan with `qrun --plan`")
@@ -77,24 +85,31 @@ def default_threads() -> int:
 
 
 class Model:
-    """A loaded model: weights stay in the mapped file; one KV cache; generations run one at a time."""
+    """A loaded model: weights stay in the mapped file; a KV cache of n_seq slots shared by any number of
+    generations from any threads (batched by the scheduler, the rest queued)."""
 
     def __init__(self, path: str, file: Any, hp: HParams, forward: Any, tokenizer: Tokenizer,
                  template: ChatTemplate, n_batch: int, load_seconds: float, plan: Plan | None = None,
-                 threads: DecodeThreads | None = None) -> None:
+                 threads: DecodeThreads | None = None, n_seq: int = 1, type_k: str = DEFAULT_KV_TYPE,
+                 type_v: str = DEFAULT_KV_TYPE) -> None:
         self.path, self.hparams, self.tokenizer, self.template = path, hp, tokenizer, template
         self.plan = plan  # the device placement (None: everything on the CPU)
         self._file = file
-        self._engine = Engine(forward, n_batch, threads)
+        self._forward = forward
+        cache = forward.new_cache(n_seq, type_k, type_v)
+        self._scheduler = Scheduler(forward, cache, n_batch, threads, self._bind_threads)
+        self._engine = Engine(self._scheduler)
         self.load_seconds = load_seconds
         self._last: Generation | None = None
+        self._closed = False
 
     @classmethod
     def load(cls, path: str | os.PathLike, n_ctx: int | None = None, n_threads: int | None = None,
              n_batch: int = 256, warmup: bool = True, gpu_layers: int | str | None = 0,
              vram: str | int | None = None, tensor_split: str | None = None,
-             cpu_backend: CpuBackend | None = None) -> "Model":
-        """Open a .qf/.gguf file by mmap, validate it, and prepare a KV cache of n_ctx positions.
+             cpu_backend: CpuBackend | None = None, n_seq: int = 1, type_k: str = DEFAULT_KV_TYPE,
+             type_v: str = DEFAULT_KV_TYPE, allow_context_extension: bool = False) -> "Model":
+        """Open a .qf/.gguf file by mmap, validate it, and prepare a KV cache of n_seq slots of n_ctx positions.
 
         gpu_layers: 0 runs on the CPU; N puts the last N layers on the GPU(s) (llama.cpp's -ngl); "auto"
         fits as many as the free VRAM (capped by vram) holds; None means "auto" when a GPU may exist.
@@ -103,20 +118,27 @@ class Model:
         The placement is checked against the budget before any weight is uploaded (PlanError if not).
         cpu_backend replaces the CPU backend (e.g. a subclass that observes the matrix products, as
         qf.eval.imatrix does); its own thread count applies.
+        n_seq: KV slots, i.e. generations that run (batched) at once; more wait for a slot (llama.cpp's -np).
+        type_k / type_v: KV cache types f32, f16 (default), q8_0, q4_0 (llama.cpp's -ctk / -ctv).
+        n_ctx beyond the model's trained context is refused unless allow_context_extension (then a warning).
 
         warmup (as llama.cpp does) runs a 2-token batch and a 1-token step once, so that loading the
         compiled kernels and the first page-in of the weights count as load time, not as prompt time.
         """
         t0 = time.perf_counter()
         path = os.fspath(path)
+        n_seq = _positive_int(n_seq, "n_seq", MAX_SLOTS)
+        n_batch = _positive_int(n_batch, "n_batch", 1 << 16)
         f = open_gguf(path)
         try:
             arch, spec, forward_cls = _architecture(f.meta, path)
             hp = hparams_from_metadata(f.meta, arch, path)
             tokenizer = _tokenizer(f.meta, hp, path)
-            ctx = _context_size(n_ctx, hp)
+            ctx = _context_size(n_ctx, hp, allow_context_extension)
+            kv = KVSpec(n_seq, ctx, hp.n_head_kv, hp.head_dim, hp.head_dim, type_k, type_v)
             cpu = cpu_backend or CpuBackend(n_threads or default_threads())
-            placement, plan = _placement(path, ctx, n_batch, hp.n_layer, cpu, gpu_layers, vram, tensor_split)
+            placement, plan = _placement(path, ctx, n_batch, hp.n_layer, cpu, gpu_layers, vram, tensor_split, kv)
+            _check_host_memory(kv, sum(be is cpu for be in placement.layers))
             forward = build_forward(forward_cls, hp, spec, load_tensors(f, hp, path), placement, ctx)
             template = chat_template_from_metadata(f.meta, *_bos_eos_text(tokenizer))
         except BaseException:
@@ -125,11 +147,17 @@ class Model:
         adapt = (n_threads is None and cpu_backend is None and plan is None and cpu.n_threads is not None
                  and cpu.n_threads > 1)
         model = cls(path, f, hp, forward, tokenizer, template, n_batch, 0.0, plan,
-                    DecodeThreads(cpu.n_threads) if adapt else None)
+                    DecodeThreads(cpu.n_threads) if adapt else None, kv.n_slots, kv.type_k, kv.type_v)
         if warmup:
             model._warmup()
         model.load_seconds = time.perf_counter() - t0
         return model
+
+    def _bind_threads(self, n: int | None = None) -> None:
+        """Apply each backend's thread count (or n) to the calling thread (numba's setting is per thread)."""
+        f = self._forward
+        for be in {id(b): b for b in (f.embed_be, *f.placement, f.head_be)}.values():
+            be.set_threads(n)
 
     def _warmup(self) -> None:
         """Evaluate a batch and a single token (the prefill and decode kernels), then empty the cache."""
@@ -151,8 +179,29 @@ class Model:
 
     @property
     def n_past(self) -> int:
-        """Positions of the context currently filled (the KV cache keeps the last prompt and reply)."""
-        return self._engine.cache.n_past
+        """Positions filled in the slot of the most recent generation (slot 0 before any)."""
+        slot = self._last.slot if self._last is not None and self._last.slot is not None else 0
+        return self._scheduler.cache.n_past(slot)
+
+    @property
+    def n_seq(self) -> int:
+        """KV slots: generations that run at once."""
+        return self._scheduler.cache.n_slots
+
+    @property
+    def kv_spec(self) -> KVSpec:
+        """Shape and types of the KV cache."""
+        return self._scheduler.cache.spec
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes the KV cache holds on all devices."""
+        return self._scheduler.cache.nbytes()
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The request scheduler (queue depth, running requests)."""
+        return self._scheduler
 
     @property
     def engine(self) -> Engine:
@@ -192,16 +241,21 @@ class Model:
     # -- text <-> tokens -------------------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """Token ids of text (BOS/EOS per the file when add_special; special-token texts parsed when asked)."""
+        self._check_open()
+        if not isinstance(text, str):
+            raise ModelError(f"text to tokenize must be a str, got {type(text).__name__}")
         return self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
 
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
         """Text of token ids (control tokens rendered only when special=True)."""
-        ids = [int(t) for t in tokens]
+        self._check_open()
+        ids = _token_ids(tokens)
         self._check_ids(ids)
         return self.tokenizer.decode(ids, special=special)
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
         """The prompt text the file's (sandboxed) chat template makes of a conversation."""
+        self._check_open()
         return self.template.render(messages, add_generation_prompt=add_generation_prompt)
 
     def chat_tokens(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
@@ -224,7 +278,7 @@ class Model:
         Raises ContextOverflowError when the prompt does not fit; ends with finish_reason "length" when
         the budget or the context runs out.
         """
-        ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else _token_ids(prompt)
         return self._start(ids, max_tokens, stop, sampling)
 
     def chat(self, messages: Sequence[Mapping[str, Any]], max_tokens: int | None = 512, stop: Sequence[str] = (),
@@ -233,27 +287,30 @@ class Model:
         return self._start(self.chat_tokens(messages), max_tokens, stop, sampling)
 
     def _start(self, ids: list[int], max_tokens: int | None, stop: Sequence[str], sampling: dict) -> Generation:
-        """Create a generation (it starts on first iteration and supersedes any earlier one)."""
+        """Create a generation (queued on the scheduler at its first iteration)."""
+        self._check_open()
         self._check_ids(ids)
-        gen = Generation(self._engine, self.tokenizer, ids, SamplingParams(**sampling), max_tokens, stop)
+        if isinstance(stop, str):
+            stop = [stop]
+        gen = Generation(self._scheduler, self.tokenizer, ids, SamplingParams(**sampling),
+                         _max_tokens(max_tokens), stop)
         self._last = gen
         return gen
 
     def cancel(self) -> None:
-        """Stop the running generation at its next token; safe to call from another thread."""
+        """Stop the most recent generation at its next token; safe to call from another thread."""
         gen = self._last
         if gen is not None:
             gen.cancel()
 
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Logits f32 [n, n_vocab] of every position for a token sequence evaluated from position 0."""
-        ids = [int(t) for t in tokens]
+        self._check_open()
+        ids = _token_ids(tokens)
         self._check_ids(ids)
-        eng = self._engine
-        with eng.lock:
-            eng.owner = None  # supersedes a running generation: it ends as "cancelled"
-            out, _ = eng.prefill(ids, all_logits=True)
-        return out
+        gen = Generation(self._scheduler, self.tokenizer, ids, SamplingParams(), 0, (), all_logits=True)
+        gen.wait()
+        return gen.logits
 
     def _check_ids(self, ids: Sequence[int]) -> None:
         """Token ids must be inside the vocabulary."""
@@ -262,9 +319,18 @@ class Model:
             raise ModelError(f"token id {bad[0]} is out of range [0, {self.n_vocab})")
 
     # -- lifetime --------------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        """ModelError once the model is closed."""
+        if self._closed:
+            raise ModelError(f"{self.path}: the model is closed")
+
     def close(self) -> None:
-        """Release the mapped file (the model is unusable afterwards)."""
-        self._engine.owner = None
+        """Stop the scheduler (running generations end with an error) and release the mapped file; every
+        method raises ModelError afterwards. Closing twice is fine."""
+        if self._closed:
+            return
+        self._closed = True
+        self._scheduler.close()
         self._file.close()
 
     def __enter__(self) -> "Model":
@@ -279,13 +345,67 @@ class Model:
                 f"vocab={hp.n_vocab}, n_ctx={self.n_ctx})")
 
 
-def _context_size(n_ctx: int | None, hp: HParams) -> int:
-    """Requested context, or min(trained context, DEFAULT_N_CTX); must be positive."""
-    if n_ctx is None or n_ctx == 0:
+def _context_size(n_ctx: int | None, hp: HParams, allow_extension: bool = False) -> int:
+    """Requested context, or min(trained context, DEFAULT_N_CTX); beyond the trained context only when
+    allowed (with a warning, as llama.cpp warns)."""
+    if n_ctx is None or (isinstance(n_ctx, (int, np.integer)) and not isinstance(n_ctx, bool) and n_ctx == 0):
         return min(hp.n_ctx_train, DEFAULT_N_CTX)
-    if n_ctx < 0:
-        raise ModelError(f"n_ctx must be positive, got {n_ctx}")
-    return int(n_ctx)
+    n = _positive_int(n_ctx, "n_ctx", None)
+    if n > hp.n_ctx_train:
+        msg = (f"n_ctx = {n} is beyond the model's trained context of {hp.n_ctx_train} "
+               f"({hp.arch}.context_length); quality degrades past it")
+        if not allow_extension:
+            raise ModelError(msg + "; pass allow_context_extension=True (qrun --allow-context-extension) to use it anyway")
+        warnings.warn(msg, stacklevel=3)
+    return n
+
+
+def _positive_int(v: Any, name: str, top: int | None) -> int:
+    """v as an int in 1..top, or ModelError naming the parameter and the range."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 or (top is not None and v > top):
+        rng = f"1..{top}" if top is not None else "a positive integer"
+        raise ModelError(f"{name} must be {rng}, got {v!r}")
+    return int(v)
+
+
+def _max_tokens(v: Any) -> int | None:
+    """max_tokens as None (no limit) or an int; ModelError for other types (floats, inf, bools)."""
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        if isinstance(v, float) and math.isfinite(v) and v == int(v):
+            return int(v)
+        raise ModelError(f"max_tokens must be an integer or None, got {v!r}")
+    return int(v)
+
+
+def _token_ids(tokens: Any) -> list[int]:
+    """A token sequence as a list of Python ints; ModelError for anything that is not integers."""
+    if isinstance(tokens, (str, bytes)):
+        raise ModelError("token ids must be a sequence of integers, got a string")
+    try:
+        items = list(tokens)
+    except TypeError:
+        raise ModelError(f"token ids must be a sequence of integers, got {type(tokens).__name__}") from None
+    bad = next((t for t in items if isinstance(t, bool) or not isinstance(t, (int, np.integer))), None)
+    if bad is not None:
+        raise ModelError(f"token ids must be integers, got {bad!r}")
+    return [int(t) for t in items]
+
+
+def _check_host_memory(kv: KVSpec, cpu_layers: int) -> None:
+    """The CPU layers' KV cache must fit in the available memory (before anything is allocated)."""
+    need = kv.layer_bytes() * cpu_layers
+    try:
+        import psutil
+
+        avail = int(psutil.virtual_memory().available)
+    except (ImportError, OSError):
+        return
+    if need > RAM_HEADROOM * avail:
+        raise ModelError(f"the KV cache needs {need / 2**30:.2f} GiB ({kv.n_slots} slot(s) x n_ctx {kv.n_ctx}, "
+                         f"{kv.type_k}/{kv.type_v}) for {cpu_layers} CPU layers but {avail / 2**30:.2f} GiB is "
+                         "available; lower n_ctx or n_seq, or use a quantized KV cache (q8_0, q4_0)")
 
 
 def _bos_eos_text(tok: Tokenizer) -> tuple[str, str]:

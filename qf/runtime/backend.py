@@ -16,6 +16,8 @@ import numpy as np
 from qf.format.errors import ModelError
 from qf.format.ggml_types import GGMLType
 from qf.runtime.kernels import cpu as kernels
+from qf.runtime.kernels import cpu_attention as attn
+from qf.runtime.kv_cache import KVSpec, LayerKV, hadamard
 from qf.runtime.weights import TensorRef
 
 # Plain float types that a 1-D weight can be viewed as without a codec.
@@ -33,8 +35,8 @@ class Backend(Protocol):
     def vector(self, t: TensorRef) -> Any:
         """Place a 1-D weight as f32 [n]."""
 
-    def kv_buffers(self, n_head_kv: int, n_ctx: int, head_dim: int) -> tuple[Any, Any]:
-        """Allocate one layer's key and value cache, each [n_head_kv, n_ctx, head_dim]."""
+    def kv_layer(self, spec: KVSpec) -> LayerKV:
+        """Allocate one layer's KV cache (every slot and position) as the spec says, on this device."""
 
     def set_threads(self, n: int) -> None:
         """Use n threads for the calling thread's next ops."""
@@ -51,21 +53,11 @@ class Backend(Protocol):
     def rms_norm(self, x: Any, w: Any, eps: float) -> Any:
         """x / rms(x) * w over the last axis: [M, n] -> [M, n]."""
 
-    def linear(self, w: Any, x: Any, bias: Any | None = None) -> Any:
-        """x @ w.T (+ bias): [M, n_in] -> [M, n_out]."""
+    def linear(self, w: Any, x: Any, bias: Any | None = None, exact_rows: bool = False) -> Any:
+        """x @ w.T (+ bias): [M, n_in] -> [M, n_out]; exact_rows: each row as it would be alone (bit for bit)."""
 
-    def rope(self, x: Any, cos: np.ndarray, sin: np.ndarray, neox: bool) -> None:
-        """Rotate x [M, H, D] in place by per-position angles cos/sin [M, n_rot / 2]."""
-
-    def kv_store(self, kc: Any, vc: Any, k: Any, v: Any, pos0: int) -> None:
-        """Write k, v [M, n_head_kv, D] into the caches at positions pos0 .. pos0 + M - 1."""
-
-    def attention(self, q: Any, kc: Any, vc: Any, pos0: int, scale: float | None = None, window: int = 0) -> Any:
-        """Causal GQA attention of q [M, H, D] at positions pos0.. over the cache -> [M, H * D].
-
-        Scores are q.k * scale (default 1/sqrt(D)); window > 0 keeps only keys at positions p - window < t <= p
-        for the query at position p (sliding-window layers: llama.cpp's LLAMA_SWA_TYPE_STANDARD).
-        """
+    def rope(self, x: Any, cos: Any, sin: Any, pos: np.ndarray, neox: bool) -> None:
+        """Rotate x [M, H, D] in place: row m by the angles cos/sin [n_ctx, n_rot / 2] of position pos[m]."""
 
     def swiglu(self, gate: Any, up: Any) -> Any:
         """silu(gate) * up, elementwise: [M, n_ff]."""
@@ -98,82 +90,23 @@ def _rms_norm(x: np.ndarray, w: np.ndarray, eps: float, out: np.ndarray) -> None
 
 
 @numba.njit(cache=True, fastmath=True, error_model="numpy")
-def _rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, neox: bool) -> None:
-    """Rotate pairs of x [M, H, D] in place: (2i, 2i+1) in ggml's normal mode, (i, i + P) in NEOX mode."""
+def _rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, pos: np.ndarray, neox: bool) -> None:
+    """Rotate pairs of x [M, H, D] in place by position pos[m]'s angles (cos/sin [n_ctx, P]): pairs
+    (2i, 2i+1) in ggml's normal mode, (i, i + P) in NEOX mode."""
     n_pairs = cos.shape[1]
     for m in range(x.shape[0]):
+        p = pos[m]
         for h in range(x.shape[1]):
             for i in range(n_pairs):
                 a = i if neox else 2 * i
                 b = i + n_pairs if neox else 2 * i + 1
                 x0 = x[m, h, a]
                 x1 = x[m, h, b]
-                x[m, h, a] = x0 * cos[m, i] - x1 * sin[m, i]
-                x[m, h, b] = x0 * sin[m, i] + x1 * cos[m, i]
+                x[m, h, a] = x0 * cos[p, i] - x1 * sin[p, i]
+                x[m, h, b] = x0 * sin[p, i] + x1 * cos[p, i]
 
 
-@numba.njit(cache=True, fastmath=True, error_model="numpy", inline="always")
-def _attend(q: np.ndarray, kc: np.ndarray, vc: np.ndarray, pos0: int, sc: np.float32, window: int,
-            m: int, kvh: int, out: np.ndarray) -> None:
-    """Token m's attention for kv head kvh and its whole group of query heads (each K/V row read once).
-
-    out[m, h] = softmax(q[m, h] . K[t0 : p + 1] * scale) @ V[t0 : p + 1] at position p = pos0 + m;
-    t0 = 0, or p - window + 1 (not below 0) when window > 0. q, out: [M, H, D]; kc, vc: [Hkv, T, D].
-    """
-    dim = q.shape[2]
-    group = q.shape[1] // kc.shape[0]
-    h0 = kvh * group
-    t0 = max(0, pos0 + m + 1 - window) if window > 0 else 0
-    n_keys = pos0 + m + 1 - t0
-    s = np.empty((group, n_keys), dtype=np.float32)  # scores, then probabilities
-    for t in range(n_keys):
-        for g in range(group):
-            acc = np.float32(0.0)
-            for d in range(dim):
-                acc += q[m, h0 + g, d] * kc[kvh, t0 + t, d]
-            s[g, t] = acc * sc
-    for g in range(group):
-        best = s[g, 0]
-        for t in range(1, n_keys):
-            best = max(best, s[g, t])
-        total = np.float32(0.0)
-        for t in range(n_keys):
-            e = np.exp(s[g, t] - best)
-            s[g, t] = e
-            total += e
-        inv = np.float32(1.0) / total
-        for t in range(n_keys):
-            s[g, t] *= inv
-        for d in range(dim):
-            out[m, h0 + g, d] = 0.0
-    for t in range(n_keys):
-        for g in range(group):
-            p = s[g, t]
-            for d in range(dim):
-                out[m, h0 + g, d] += p * vc[kvh, t0 + t, d]
-
-
-# Two separately named functions: numba's cache is keyed by function, not by the `parallel` flag, so one body
-# compiled both ways would share (and clobber) one cache entry.
-@numba.njit(cache=True, parallel=True, fastmath=True, error_model="numpy")
-def _attention(q: np.ndarray, kc: np.ndarray, vc: np.ndarray, pos0: int, scale: float, window: int,
-               out: np.ndarray) -> None:
-    """Causal GQA attention, one parallel job per (token, kv head)."""
-    n_kv = kc.shape[0]
-    for job in numba.prange(q.shape[0] * n_kv):
-        _attend(q, kc, vc, pos0, np.float32(scale), window, job // n_kv, job % n_kv, out)
-
-
-@numba.njit(cache=True, fastmath=True, error_model="numpy")
-def _attention_serial(q: np.ndarray, kc: np.ndarray, vc: np.ndarray, pos0: int, scale: float, window: int,
-                      out: np.ndarray) -> None:
-    """The same attention on the calling thread: small problems (a decode step over a short context)."""
-    n_kv = kc.shape[0]
-    for job in range(q.shape[0] * n_kv):
-        _attend(q, kc, vc, pos0, np.float32(scale), window, job // n_kv, job % n_kv, out)
-
-
-PARALLEL_ATTENTION_MIN = 1 << 12  # (token, kv head, key) triples
+PARALLEL_ATTENTION_MIN = 1 << 12  # (row, kv head, key) triples from which attention runs in parallel
 
 
 @numba.njit(cache=True, fastmath=True, error_model="numpy")
@@ -230,10 +163,9 @@ class CpuBackend:
         """A 1-D weight as f32."""
         return vector_f32(t)
 
-    def kv_buffers(self, n_head_kv: int, n_ctx: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
-        """Zeroed caches [n_head_kv, n_ctx, head_dim] (pages are only touched as positions fill)."""
-        shape = (n_head_kv, n_ctx, head_dim)
-        return np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32)
+    def kv_layer(self, spec: KVSpec) -> "CpuKV":
+        """One layer's cache in host memory (pages are only touched as positions fill)."""
+        return CpuKV(spec)
 
     def set_threads(self, n: int | None = None) -> None:
         """Set the kernel thread count for the calling thread."""
@@ -259,36 +191,23 @@ class CpuBackend:
         _rms_norm(x, w, eps, out)
         return out
 
-    def linear(self, w: Any, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-        """[M, n_in] -> [M, n_out]: matvec for one row (decode), matmul for a batch (prefill)."""
+    def linear(self, w: Any, x: np.ndarray, bias: np.ndarray | None = None, exact_rows: bool = False) -> np.ndarray:
+        """[M, n_in] -> [M, n_out]: matvec for one row (decode), matmul for a batch (prefill).
+
+        exact_rows: every row's result bit for bit what it would be alone (the fused kernel, never BLAS):
+        a decode step of several sequences gives each the logits it would get alone.
+        """
         if x.shape[0] == 1:
             y = kernels.matvec(w, x[0]).reshape(1, -1)
         else:
-            y = kernels.matmul(w, x)
+            y = kernels.matmul(w, x, blas=False if exact_rows else None)
         if bias is not None:
             y += bias
         return y
 
-    def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, neox: bool) -> None:
-        """In place on x [M, H, D]."""
-        _rope(x, cos, sin, neox)
-
-    def kv_store(self, kc: np.ndarray, vc: np.ndarray, k: np.ndarray, v: np.ndarray, pos0: int) -> None:
-        """k, v: [M, Hkv, D] -> caches [Hkv, pos0:pos0+M, D]."""
-        n = k.shape[0]
-        kc[:, pos0:pos0 + n, :] = k.transpose(1, 0, 2)
-        vc[:, pos0:pos0 + n, :] = v.transpose(1, 0, 2)
-
-    def attention(self, q: np.ndarray, kc: np.ndarray, vc: np.ndarray, pos0: int, scale: float | None = None,
-                  window: int = 0) -> np.ndarray:
-        """q [M, H, D] -> [M, H * D]; scale defaults to 1/sqrt(D); window > 0: sliding window of that many keys."""
-        out = np.empty_like(q)
-        n = q.shape[0]
-        keys = pos0 + n if window <= 0 else min(pos0 + n, window + n)
-        work = n * kc.shape[0] * keys
-        sc = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
-        (_attention if work >= PARALLEL_ATTENTION_MIN else _attention_serial)(q, kc, vc, pos0, sc, int(window), out)
-        return out.reshape(q.shape[0], -1)
+    def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, pos: np.ndarray, neox: bool) -> None:
+        """In place on x [M, H, D], row m at position pos[m]."""
+        _rope(x, cos, sin, pos, neox)
 
     def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         """silu(gate) * up, computed into gate."""
@@ -307,3 +226,70 @@ class CpuBackend:
     def scale_(self, x: np.ndarray, s: float) -> None:
         """x *= s in place."""
         x *= np.float32(s)
+
+
+# host storage of each KV type: (data dtype, data columns per head_dim value, has fp16 scales)
+_CPU_KV_STORAGE: dict[str, tuple[type, int, bool]] = {
+    "f32": (np.float32, 1, False), "f16": (np.uint16, 1, False),
+    "q8_0": (np.int8, 1, True), "q4_0": (np.uint8, 2, True),
+}
+_NO_SCALES = np.zeros((1, 1, 1, 1), dtype=np.uint16)
+
+
+class CpuKV:
+    """One layer's K and V in host memory: data [slots, Hkv, n_ctx, cols] (+ fp16 block scales); see
+    kernels/cpu_attention.py for the layouts."""
+
+    def __init__(self, spec: KVSpec) -> None:
+        self.spec = spec
+        self.k, self.k_scales = self._alloc(spec.type_k, spec.head_dim_k)
+        self.v, self.v_scales = self._alloc(spec.type_v, spec.head_dim_v)
+        self.rot_k = hadamard(spec.head_dim_k) if spec.rotates("k") else None  # [Dk, Dk]
+        self.rot_v = hadamard(spec.head_dim_v) if spec.rotates("v") else None  # [Dv, Dv]
+        self.nbytes = sum(int(a.nbytes) for a in (self.k, self.v, self.k_scales, self.v_scales)
+                          if a is not _NO_SCALES)
+
+    def _alloc(self, type_name: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """Zeroed data and scales for one of K / V (np.zeros: pages are touched only as positions fill)."""
+        s = self.spec
+        dtype, per_byte, scaled = _CPU_KV_STORAGE[type_name]
+        data = np.zeros((s.n_slots, s.n_head_kv, s.n_ctx, dim // per_byte), dtype=dtype)
+        scales = (np.zeros((s.n_slots, s.n_head_kv, s.n_ctx, dim // attn.QBLOCK), dtype=np.uint16)
+                  if scaled else _NO_SCALES)
+        return data, scales
+
+    def store(self, k: np.ndarray, v: np.ndarray, slots: np.ndarray, pos: np.ndarray) -> None:
+        """k [M, Hkv, Dk], v [M, Hkv, Dv] -> (slots[m], :, pos[m]) (rotated first when the spec says so)."""
+        k = k if self.rot_k is None else k @ self.rot_k
+        v = v if self.rot_v is None else v @ self.rot_v
+        self._put(self.spec.type_k, self.k, self.k_scales, k, slots, pos)
+        self._put(self.spec.type_v, self.v, self.v_scales, v, slots, pos)
+
+    @staticmethod
+    def _put(type_name: str, data: np.ndarray, scales: np.ndarray, x: np.ndarray, slots: np.ndarray,
+             pos: np.ndarray) -> None:
+        """Write rows x [M, Hkv, D] in the cache type (quantized per 32 values for q8_0 / q4_0)."""
+        if type_name == "f32":
+            data[slots, :, pos, :] = x
+        elif type_name == "f16":
+            data[slots, :, pos, :] = x.astype(np.float16).view(np.uint16)
+        else:
+            x = np.ascontiguousarray(x, dtype=np.float32)
+            d = np.empty((x.shape[0], x.shape[1], x.shape[2] // attn.QBLOCK), dtype=np.float32)
+            (attn.store_q8_0 if type_name == "q8_0" else attn.store_q4_0)(x, data, d, slots, pos)
+            scales[slots, :, pos, :] = d.astype(np.float16).view(np.uint16)
+
+    def attend(self, q: np.ndarray, slots: np.ndarray, pos: np.ndarray, scale: float | None = None,
+               window: int = 0) -> np.ndarray:
+        """q [M, H, D] -> [M, H * D]; scale defaults to 1/sqrt(D); window > 0: sliding window of that many keys."""
+        if self.rot_k is not None:
+            q = np.ascontiguousarray(q @ self.rot_k)  # (q H) . (k H) = q . k
+        out = np.empty_like(q)
+        keys = int(pos.max()) + 1 if window <= 0 else min(int(pos.max()) + 1, window)
+        work = q.shape[0] * self.spec.n_head_kv * keys
+        sc = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
+        kernel = attn.attention_parallel if work >= PARALLEL_ATTENTION_MIN else attn.attention_serial
+        kernel(q, self.k, self.k_scales, self.v, self.v_scales, attn.F16_TABLE, slots, pos, sc, int(window), out)
+        if self.rot_v is not None:
+            out = out @ self.rot_v  # sum p (v H) = (sum p v) H; H H = I
+        return out.reshape(q.shape[0], -1)

@@ -48,7 +48,7 @@ class Placement:
 
 
 def make_backend(device: str, *, device_map: Mapping[str, str] | None = None, n_threads: int | None = None,
-                 kv_dtype: str | None = None, **torch_options: Any) -> Backend:
+                 **torch_options: Any) -> Backend:
     """The backend for one plan device: numba CPU for "cpu", else a TorchBackend on device_map[device]."""
     if device == HOST:
         from qf.runtime.backend import CpuBackend
@@ -60,8 +60,7 @@ def make_backend(device: str, *, device_map: Mapping[str, str] | None = None, n_
     except ImportError as e:
         raise ModelError(f"the plan puts layers on {device} but torch is not importable ({e}); "
                          "install torch with CUDA, or plan with gpu_layers=0") from e
-    kv = kv_dtype if target.startswith("cuda") else None  # a CPU stand-in keeps f32 caches
-    return TorchBackend(target, kv_dtype=kv, n_threads=n_threads, **torch_options)
+    return TorchBackend(target, n_threads=n_threads, **torch_options)
 
 
 def placement_from_plan(plan: Plan, *, device_map: Mapping[str, str] | None = None, n_threads: int | None = None,
@@ -70,8 +69,7 @@ def placement_from_plan(plan: Plan, *, device_map: Mapping[str, str] | None = No
     devices: dict[str, Backend] = {} if cpu is None else {HOST: cpu}
     for name in dict.fromkeys((plan.embd_device, *plan.layer_devices, plan.output_device)):
         if name not in devices:
-            devices[name] = make_backend(name, device_map=device_map, n_threads=n_threads,
-                                         kv_dtype=plan.kv_dtype, **torch_options)
+            devices[name] = make_backend(name, device_map=device_map, n_threads=n_threads, **torch_options)
     return Placement(layers=tuple(devices[d] for d in plan.layer_devices), embed=devices[plan.embd_device],
                      head=devices[plan.output_device], devices=devices)
 
@@ -83,7 +81,8 @@ def uniform_placement(n_layer: int, backend: Backend) -> Placement:
 
 def build_forward(forward_cls: Callable[..., Any], hp: Any, spec: Any, tensors: Any, placement: Placement,
                   n_ctx: int) -> Any:
-    """Construct an architecture's forward pass over a placement (embedding and head on their own devices)."""
+    """Construct an architecture's forward pass over a placement (embedding and head on their own devices);
+    n_ctx bounds the positions (RoPE tables); caches come from `forward.new_cache(...)`."""
     if len(placement.layers) != hp.n_layer:
         raise ModelError(f"the placement covers {len(placement.layers)} layers but the model has {hp.n_layer}")
     return forward_cls(hp, spec, tensors, list(placement.layers), n_ctx, embed_be=placement.embed,

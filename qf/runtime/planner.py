@@ -13,10 +13,11 @@ Placement follows llama.cpp (llama-model.cpp, load_tensors):
 
 Memory per device, in bytes:
   weights  sum of the placed tensors' nbytes (GPU layers are uploaded in their packed file format).
-  KV       per layer n_ctx * n_head_kv * (head_dim_k + head_dim_v) * kv bytes, i.e. 2 * n_ctx * n_head_kv *
-           head_dim * bytes when K and V heads match; head_dim = n_embd / n_head unless
-           {arch}.attention.key_length / value_length say otherwise. Every layer gets the full n_ctx
-           (sliding-window layers are not shrunk: conservative).
+  KV       per layer KVSpec.layer_bytes() (qf.runtime.kv_cache, the spec the backends allocate from):
+           n_seq * n_ctx * n_head_kv * (bytes of a head_dim_k row of type_k + of a head_dim_v row of type_v),
+           f32 4 / f16 2 / q8_0 34/32 / q4_0 18/32 bytes per value, on every device alike; head_dim =
+           n_embd / n_head unless {arch}.attention.key_length / value_length say otherwise. Every layer gets
+           the full n_ctx (sliding-window layers are not shrunk: conservative).
   compute  activations of one prefill micro-batch of B = min(n_batch, n_ctx) tokens through one layer, f32:
              4 * B * (2*n_embd + n_head*hd_k + n_head_kv*(hd_k + hd_v) + n_head*hd_v + 3*n_ff + n_head*n_ctx)
            (residual and normed input, q, k, v, attention output, gate/up/product, and the n_head x B x n_ctx
@@ -50,6 +51,7 @@ from qf.format.ggml_types import block_size
 from qf.format.reader import GGUFFile, Metadata, TensorInfo, open_gguf
 from qf.format.values import INTEGER_TYPES, GGUFValueType
 from qf.runtime.devices import Device, cuda_devices, free_ram
+from qf.runtime.kv_cache import DEFAULT_KV_TYPE, KV_TYPES, KVSpec
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 MAX_LAYERS = 512  # llama.cpp's LLAMA_MAX_LAYERS
@@ -58,7 +60,6 @@ DEFAULT_N_CTX = 4096  # when neither the caller nor the file gives a context len
 DEFAULT_MARGIN_BYTES = 512 * MiB
 DEFAULT_MARGIN_FRACTION = Fraction(5, 100)
 F32_BYTES, F16_BYTES = 4, 2
-KV_DTYPE_BYTES: dict[str, int] = {"f16": 2, "bf16": 2, "f32": 4}
 
 # size suffix (lower case, without a trailing "b") -> bytes. SI letters are powers of 10, IEC ("Gi") of 2:
 # an ambiguous "6G" then means 6e9, the smaller reading, so it can never over-commit a GiB-sized card.
@@ -282,18 +283,32 @@ class PlanConfig:
 
     n_ctx: int
     n_batch: int = DEFAULT_N_BATCH
-    kv_dtype: str = "f16"
+    kv_dtype: str | None = None  # sets type_k and type_v together (when given)
     margin: int | float | str | None = None
     all_logits: bool = False
     dequant_scratch: bool = True
+    type_k: str = DEFAULT_KV_TYPE
+    type_v: str = DEFAULT_KV_TYPE
+    n_seq: int = 1  # KV slots
 
     def __post_init__(self) -> None:
         if not isinstance(self.n_ctx, int) or self.n_ctx <= 0:
             raise PlanError(f"context length must be a positive integer, got {self.n_ctx!r}")
         if not isinstance(self.n_batch, int) or self.n_batch <= 0:
             raise PlanError(f"batch size must be a positive integer, got {self.n_batch!r}")
-        if self.kv_dtype not in KV_DTYPE_BYTES:
-            raise PlanError(f"KV cache type {self.kv_dtype!r} is not supported; use one of {sorted(KV_DTYPE_BYTES)}")
+        if not isinstance(self.n_seq, int) or self.n_seq <= 0:
+            raise PlanError(f"n_seq must be a positive integer, got {self.n_seq!r}")
+        if self.kv_dtype is not None:
+            object.__setattr__(self, "type_k", self.kv_dtype)
+            object.__setattr__(self, "type_v", self.kv_dtype)
+        for name in ("type_k", "type_v"):
+            if getattr(self, name) not in KV_TYPES:
+                raise PlanError(f"KV cache type {getattr(self, name)!r} is not supported; use one of {', '.join(KV_TYPES)}")
+
+    @property
+    def kv_types(self) -> str:
+        """"f16", or "q8_0/f16" when K and V differ."""
+        return self.type_k if self.type_k == self.type_v else f"{self.type_k}/{self.type_v}"
 
     @property
     def batch(self) -> int:
@@ -301,9 +316,17 @@ class PlanConfig:
         return min(self.n_batch, self.n_ctx)
 
 
+def kv_spec(s: ModelSizes, cfg: PlanConfig) -> KVSpec:
+    """The KV cache spec the backends will allocate from."""
+    return KVSpec(cfg.n_seq, cfg.n_ctx, s.n_head_kv, s.head_dim_k, s.head_dim_v, cfg.type_k, cfg.type_v)
+
+
 def kv_bytes_per_layer(s: ModelSizes, cfg: PlanConfig) -> int:
-    """K and V cache of one layer: n_ctx * n_head_kv * (head_dim_k + head_dim_v) * dtype bytes."""
-    return cfg.n_ctx * s.n_head_kv * (s.head_dim_k + s.head_dim_v) * KV_DTYPE_BYTES[cfg.kv_dtype]
+    """K and V cache of one layer, every slot (KVSpec.layer_bytes)."""
+    try:
+        return kv_spec(s, cfg).layer_bytes()
+    except ModelError as e:
+        raise PlanError(str(e)) from e
 
 
 def activation_bytes(s: ModelSizes, cfg: PlanConfig) -> int:
@@ -486,7 +509,7 @@ def _plan_for(s: ModelSizes, cfg: PlanConfig, budgets: list[_Budget], ram: int |
     usage.append(_device_usage(s, cfg, units, CPU, None, ram))
     names = [b.name for b in budgets]
     dev_name = (lambda k: "cpu" if k == CPU else names[k])
-    return Plan(arch=s.arch, n_layer=s.n_layer, n_ctx=cfg.n_ctx, n_batch=cfg.batch, kv_dtype=cfg.kv_dtype,
+    return Plan(arch=s.arch, n_layer=s.n_layer, n_ctx=cfg.n_ctx, n_batch=cfg.batch, kv_dtype=cfg.kv_types,
                 gpu_layers=n, requested=requested, layer_devices=tuple(dev_name(k) for k in units[:-1]),
                 output_device=dev_name(units[-1]), embd_device="cpu", usage=tuple(usage),
                 warnings=_warnings(s, cfg, usage, hypothetical), hypothetical=hypothetical)
@@ -576,7 +599,7 @@ def _explain(plan: Plan, sizes: ModelSizes, cfg: PlanConfig, budgets: list[_Budg
                 f"({fmt_bytes(bad.required)}: {parts}) of RAM but {bad.available} bytes "
                 f"({fmt_bytes(bad.available)}) are available")
     else:
-        head = (f"gpu_layers={plan.requested} (n_ctx={cfg.n_ctx}, KV {cfg.kv_dtype}) does not fit on "
+        head = (f"gpu_layers={plan.requested} (n_ctx={cfg.n_ctx}, KV {cfg.kv_types}) does not fit on "
                 f"{bad.device}: requires {bad.required} bytes ({fmt_bytes(bad.required)} = weights "
                 f"{fmt_bytes(bad.weights)} + {parts} + margin {fmt_bytes(bad.margin)}) but {bad.available} "
                 f"bytes ({fmt_bytes(bad.available)}) are available")
@@ -638,12 +661,20 @@ def format_plan(plan: Plan) -> str:
 def plan_from_file(path: str | os.PathLike, n_ctx: int | None = None, gpu_layers: int | str = "auto",
                    vram: str | int | Sequence[str | int] | None = None, devices: Sequence[Device] | None = None,
                    *, ram: int | None = None, tensor_split: str | Sequence[float] | None = None,
-                   kv_dtype: str = "f16", n_batch: int = DEFAULT_N_BATCH, margin: int | float | str | None = None,
-                   all_logits: bool = False) -> Plan:
-    """Plan a GGUF file from its header alone; devices/ram default to what this machine reports."""
+                   kv_dtype: str | None = None, n_batch: int = DEFAULT_N_BATCH,
+                   margin: int | float | str | None = None, all_logits: bool = False,
+                   kv_spec: KVSpec | None = None) -> Plan:
+    """Plan a GGUF file from its header alone; devices/ram default to what this machine reports.
+
+    kv_spec (what Model.load passes) sets n_ctx, the KV types and slots; else n_ctx and kv_dtype (both K and V,
+    default f16) do, with one slot."""
     with open_gguf(path) as f:
         sizes = sizes_from_gguf(f, path)
     gpus = cuda_devices() if devices is None else [d for d in devices if d.name != "cpu"]
-    cfg = PlanConfig(n_ctx if n_ctx is not None else sizes.n_ctx_train or DEFAULT_N_CTX, n_batch, kv_dtype,
-                     margin, all_logits)
+    if kv_spec is not None:
+        cfg = PlanConfig(kv_spec.n_ctx, n_batch, None, margin, all_logits, type_k=kv_spec.type_k,
+                         type_v=kv_spec.type_v, n_seq=kv_spec.n_slots)
+    else:
+        cfg = PlanConfig(n_ctx if n_ctx is not None else sizes.n_ctx_train or DEFAULT_N_CTX, n_batch, kv_dtype,
+                         margin, all_logits)
     return plan_placement(sizes, cfg, gpus, free_ram() if ram is None else ram, gpu_layers, tensor_split, vram)

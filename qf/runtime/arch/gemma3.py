@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from qf.format.errors import ModelError
-from qf.runtime.arch.llama import LlamaForward, rope_angles
+from qf.runtime.arch.llama import Batch, LlamaForward, rope_angles
 from qf.runtime.backend import Backend, vector_f32
 from qf.runtime.hparams import HParams
 from qf.runtime.weights import LayerTensors, ModelTensors
@@ -135,24 +135,23 @@ class Gemma3Forward(LlamaForward):
             logits = (np.tanh(logits / np.float32(cap)) * np.float32(cap)).astype(np.float32)
         return logits
 
-    def _block(self, L: PlacedGemmaLayer, x: Any, pos0: int, kc: Any, vc: Any) -> Any:
+    def _block(self, L: PlacedGemmaLayer, x: Any, batch: Batch, kv: Any) -> Any:
         """One Gemma 3 block on x [M, n_embd], in place on the residual stream."""
-        be, hp = L.be, self.hp
+        be, hp, ex = L.be, self.hp, batch.exact_rows
         n, hd, eps = x.shape[0], hp.head_dim, hp.rms_eps
-        cos, sin = self._rope_tables[(id(be), L.sliding)]
-        cos, sin = cos[pos0:pos0 + n], sin[pos0:pos0 + n]  # [M, head_dim / 2]
+        cos, sin = self._rope_tables[(id(be), L.sliding)]  # [n_ctx, head_dim / 2]
         h = be.rms_norm(x, L.attn_norm, eps)
-        q = be.linear(L.wq, h).reshape(n * hp.n_head, hd)  # q: [M * H, D]
-        k = be.linear(L.wk, h).reshape(n * hp.n_head_kv, hd)  # k: [M * Hkv, D]
-        v = be.linear(L.wv, h).reshape(n, hp.n_head_kv, hd)  # v: [M, Hkv, D]
+        q = be.linear(L.wq, h, None, ex).reshape(n * hp.n_head, hd)  # q: [M * H, D]
+        k = be.linear(L.wk, h, None, ex).reshape(n * hp.n_head_kv, hd)  # k: [M * Hkv, D]
+        v = be.linear(L.wv, h, None, ex).reshape(n, hp.n_head_kv, hd)  # v: [M, Hkv, D]
         q = be.rms_norm(q, L.q_norm, eps).reshape(n, hp.n_head, hd)  # per-head QK norm
         k = be.rms_norm(k, L.k_norm, eps).reshape(n, hp.n_head_kv, hd)
-        be.rope(q, cos, sin, self.spec.rope_neox)
-        be.rope(k, cos, sin, self.spec.rope_neox)
-        be.kv_store(kc, vc, k, v, pos0)
-        a = be.attention(q, kc, vc, pos0, scale=self.q_scale, window=hp.n_swa if L.sliding else 0)  # [M, H * D]
-        be.add_(x, be.rms_norm(be.linear(L.wo, a), L.attn_post_norm, eps))
+        be.rope(q, cos, sin, batch.pos, self.spec.rope_neox)
+        be.rope(k, cos, sin, batch.pos, self.spec.rope_neox)
+        kv.store(k, v, batch.slots, batch.pos)
+        a = kv.attend(q, batch.slots, batch.pos, scale=self.q_scale, window=hp.n_swa if L.sliding else 0)
+        be.add_(x, be.rms_norm(be.linear(L.wo, a, None, ex), L.attn_post_norm, eps))  # a: [M, H * D]
         h = be.rms_norm(x, L.ffn_norm, eps)
-        g = be.geglu(be.linear(L.w_gate, h), be.linear(L.w_up, h))  # g: [M, n_ff]
-        be.add_(x, be.rms_norm(be.linear(L.w_down, g), L.ffn_post_norm, eps))
+        g = be.geglu(be.linear(L.w_gate, h, None, ex), be.linear(L.w_up, h, None, ex))  # g: [M, n_ff]
+        be.add_(x, be.rms_norm(be.linear(L.w_down, g, None, ex), L.ffn_post_norm, eps))
         return x

@@ -160,27 +160,42 @@ def _dot1(kind, row, x0):
 
 @njit(inline="always", fastmath=FASTMATH, cache=True)
 def _dot4(kind, row, x0, x1, x2, x3):
-    """row . (x0, x1, x2, x3): each unit is decoded once and used for four activation rows."""
+    """row . (x0, x1, x2, x3): each unit is decoded once and used for four activation rows.
+
+    Each token sums exactly as `_dot1` does (two accumulators, then vsum(lo + hi), then the float tail), so
+    a token's result is bit for bit the same whether it is alone (matvec) or one of a batch: batched
+    decoding of several sequences gives the tokens each would give alone.
+    """
     n_in = x0.shape[0]
     upb = units_per_block(kind)
     nb = n_in // (UNIT * upb)
     a0 = vzero()
+    b0 = vzero()
     a1 = vzero()
+    b1 = vzero()
     a2 = vzero()
+    b2 = vzero()
     a3 = vzero()
+    b3 = vzero()
+    step = row.shape[0] // nb if nb else 0  # bytes per block
     for b in range(nb):
+        prefetch(row, b * step + PREFETCH)
         h = head(kind, row, b)
         for j in range(upb):
             v0, v1 = unit(kind, row, b, j, h)
             i = UNIT * (b * upb + j)
-            a0 = vfma(v1, vload(x0, i + 16), vfma(v0, vload(x0, i), a0))
-            a1 = vfma(v1, vload(x1, i + 16), vfma(v0, vload(x1, i), a1))
-            a2 = vfma(v1, vload(x2, i + 16), vfma(v0, vload(x2, i), a2))
-            a3 = vfma(v1, vload(x3, i + 16), vfma(v0, vload(x3, i), a3))
-    s0 = vsum(a0)
-    s1 = vsum(a1)
-    s2 = vsum(a2)
-    s3 = vsum(a3)
+            a0 = vfma(v0, vload(x0, i), a0)
+            b0 = vfma(v1, vload(x0, i + 16), b0)
+            a1 = vfma(v0, vload(x1, i), a1)
+            b1 = vfma(v1, vload(x1, i + 16), b1)
+            a2 = vfma(v0, vload(x2, i), a2)
+            b2 = vfma(v1, vload(x2, i + 16), b2)
+            a3 = vfma(v0, vload(x3, i), a3)
+            b3 = vfma(v1, vload(x3, i + 16), b3)
+    s0 = vsum(vadd(a0, b0))
+    s1 = vsum(vadd(a1, b1))
+    s2 = vsum(vadd(a2, b2))
+    s3 = vsum(vadd(a3, b3))
     for i in range(nb * UNIT * upb, n_in):
         e = elem(kind, row, i)
         s0 += e * x0[i]
