@@ -269,6 +269,17 @@ def test_malformed_json_is_a_convert_error(tiny_checkpoint, out_dir, name, text)
     assert name in msg and "not valid JSON" in msg
 
 
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json"])
+def test_oversized_json_is_refused_unread(tiny_checkpoint, out_dir, name):
+    from qf.convert.json_fields import MAX_JSON_BYTES
+
+    d = tiny_checkpoint()
+    with open(d / name, "r+b") as fh:  # sparse: no disk used
+        fh.truncate(MAX_JSON_BYTES + 1)
+    msg = refused(d, out_dir)
+    assert name in msg and f"limit of {MAX_JSON_BYTES}" in msg
+
+
 @pytest.mark.parametrize("text", [DEEP, f'{{"a": {BIG_INT}}}'], ids=["deep", "bigint"])
 def test_malformed_safetensors_header_is_a_format_error(tiny_checkpoint, out_dir, text):
     d = tiny_checkpoint()

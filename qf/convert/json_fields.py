@@ -16,12 +16,15 @@ from typing import Any
 from qf.format.errors import ConvertError
 
 REQUIRED = object()  # default: the field must be present (and not null)
+MAX_JSON_BYTES = 1 << 28  # real tokenizer.json files stay under 40 MiB; json.loads needs ~10x the text
 MAX_REPR = 60  # characters of a bad value quoted in a message
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
-    """A JSON object from a file, or ConvertError naming the file."""
+    """A JSON object from a file, or ConvertError naming the file (refused unread beyond MAX_JSON_BYTES)."""
     try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise ConvertError(f"{path}: {what} of {path.stat().st_size} bytes exceeds the limit of {MAX_JSON_BYTES}")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConvertError(f"{path}: {what} not found") from None

@@ -99,6 +99,9 @@ def _stored_array(value: Any, elem: GGUFValueType, key: str, path: str) -> Any:
     return out
 
 
+_MISSING = object()  # no default given: a missing key is an error
+
+
 class KVMetadata:
     """The reader's Metadata interface over (key, value, value type) triples about to be written.
 
@@ -153,28 +156,26 @@ class KVMetadata:
             raise FormatError(f"expected {what}, found {found}", path=self._path, field=key)
         return value
 
-    def get_int(self, key: str, default: Any = None) -> int:
+    def get_int(self, key: str, default: Any = _MISSING) -> int:
         """An integer of any integer value type."""
-        return self._get(key, INTEGER_TYPES, "an integer", _MISSING if default is None else default)
+        return self._get(key, INTEGER_TYPES, "an integer", default)
 
-    def get_float(self, key: str, default: Any = None) -> float:
+    def get_float(self, key: str, default: Any = _MISSING) -> float:
         """A FLOAT32 or FLOAT64 value."""
-        return self._get(key, FLOAT_TYPES, "FLOAT32 or FLOAT64", _MISSING if default is None else default)
+        return self._get(key, FLOAT_TYPES, "FLOAT32 or FLOAT64", default)
 
-    def get_str(self, key: str, default: Any = None) -> str:
+    def get_str(self, key: str, default: Any = _MISSING) -> str:
         """A STRING value."""
-        return self._get(key, (GGUFValueType.STRING,), "STRING", _MISSING if default is None else default)
+        return self._get(key, (GGUFValueType.STRING,), "STRING", default)
 
-    def get_bool(self, key: str, default: Any = None) -> bool:
+    def get_bool(self, key: str, default: Any = _MISSING) -> bool:
         """A BOOL value."""
-        return self._get(key, (GGUFValueType.BOOL,), "BOOL", _MISSING if default is None else default)
+        return self._get(key, (GGUFValueType.BOOL,), "BOOL", default)
 
-    def get_array(self, key: str, default: Any = None, **_: Any) -> Any:
+    def get_array(self, key: str, default: Any = _MISSING, **_: Any) -> Any:
         """An ARRAY value."""
-        return self._get(key, (GGUFValueType.ARRAY,), "ARRAY", _MISSING if default is None else default)
+        return self._get(key, (GGUFValueType.ARRAY,), "ARRAY", default)
 
-
-_MISSING = object()
 
 
 # ---------------------------------------------------------------------------------------------- tensors
