@@ -75,9 +75,10 @@ def _named_templates(f: Fields, key: str) -> list[tuple[str, str]]:
         return []
     if isinstance(v, str):
         return [("default", v)]
-    items = f.list(key)
+    if not isinstance(v, list):
+        raise f.error(key, v, 'a string or a JSON array of {"name", "template"} objects')
     out = []
-    for i, item in enumerate(items):
+    for i, item in enumerate(v):
         entry = Fields(item, f.path, f"{f.prefix}{key}[{i}].")
         out.append((entry.str("name"), entry.str("template")))
     return out
