@@ -663,11 +663,12 @@ def plan_from_file(path: str | os.PathLike, n_ctx: int | None = None, gpu_layers
                    *, ram: int | None = None, tensor_split: str | Sequence[float] | None = None,
                    kv_dtype: str | None = None, n_batch: int = DEFAULT_N_BATCH,
                    margin: int | float | str | None = None, all_logits: bool = False,
-                   kv_spec: KVSpec | None = None) -> Plan:
+                   kv_spec: KVSpec | None = None, type_k: str = DEFAULT_KV_TYPE, type_v: str = DEFAULT_KV_TYPE,
+                   n_seq: int = 1) -> Plan:
     """Plan a GGUF file from its header alone; devices/ram default to what this machine reports.
 
-    kv_spec (what Model.load passes) sets n_ctx, the KV types and slots; else n_ctx and kv_dtype (both K and V,
-    default f16) do, with one slot."""
+    kv_spec (what Model.load passes) sets n_ctx, the KV types and slots; else n_ctx, type_k / type_v (or
+    kv_dtype for both) and n_seq do."""
     with open_gguf(path) as f:
         sizes = sizes_from_gguf(f, path)
     gpus = cuda_devices() if devices is None else [d for d in devices if d.name != "cpu"]
@@ -676,5 +677,5 @@ def plan_from_file(path: str | os.PathLike, n_ctx: int | None = None, gpu_layers
                          type_v=kv_spec.type_v, n_seq=kv_spec.n_slots)
     else:
         cfg = PlanConfig(n_ctx if n_ctx is not None else sizes.n_ctx_train or DEFAULT_N_CTX, n_batch, kv_dtype,
-                         margin, all_logits)
+                         margin, all_logits, type_k=type_k, type_v=type_v, n_seq=n_seq)
     return plan_placement(sizes, cfg, gpus, free_ram() if ram is None else ram, gpu_layers, tensor_split, vram)

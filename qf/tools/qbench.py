@@ -21,6 +21,7 @@ import click
 import numpy as np
 
 from qf.format.errors import QFError
+from qf.tools.kv_options import kv_cache_options
 
 
 @dataclass
@@ -112,8 +113,9 @@ def format_table(name: str, size: int, params: int, threads: int, results: list[
 @click.option("-t", "--threads", "n_threads", type=int, default=None, help="CPU threads (default: physical cores).")
 @click.option("-b", "--batch-size", "n_batch", type=int, default=512, show_default=True, help="Prompt batch size.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Also write results as JSON.")
+@kv_cache_options
 def main(model_path: Path, n_prompt: int, n_gen: int, repetitions: int, n_threads: int | None, n_batch: int,
-         json_out: Path | None) -> None:
+         json_out: Path | None, type_k: str, type_v: str) -> None:
     """Measure prompt (ppN) and generation (tgN) tokens/s of MODEL_PATH; median of -r runs."""
     from qf.runtime import Model
     from qf.runtime.api import default_threads
@@ -122,7 +124,8 @@ def main(model_path: Path, n_prompt: int, n_gen: int, repetitions: int, n_thread
         raise click.BadParameter("must be at least 1", param_hint="-r")
     threads = n_threads or default_threads()
     try:
-        with Model.load(model_path, n_ctx=max(n_prompt, n_gen, 1), n_threads=threads, n_batch=n_batch) as model:
+        with Model.load(model_path, n_ctx=max(n_prompt, n_gen, 1), n_threads=threads, n_batch=n_batch,
+                        type_k=type_k, type_v=type_v) as model:
             results = run_bench(model, n_prompt, n_gen, repetitions)
         size, params = model_facts(model_path)
     except QFError as e:

@@ -27,6 +27,7 @@ from qf.eval.kld import (KLDStats, LogitsFile, LogitsWriter, TokenStats, check_c
 from qf.eval.perplexity import ChunkPlan, PerplexityResult, ScoredChunk, iter_chunks, perplexity, plan_chunks
 from qf.eval.text import SLICES, read_text_arg
 from qf.format.errors import QFError
+from qf.tools.kv_options import kv_cache_options
 
 if TYPE_CHECKING:
     from qf.runtime import Model
@@ -61,14 +62,14 @@ def _write_json(path: Path, obj: dict) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _load(model_path: Path, n_ctx: int, n_threads: int | None, n_batch: int | None) -> Model:
+def _load(model_path: Path, n_ctx: int, n_threads: int | None, n_batch: int | None, kv: dict | None = None) -> Model:
     """Load the model through the public runtime API; a chunk is evaluated n_batch tokens per forward
     call (default: the whole chunk at once, as llama-perplexity's default batch of 2048 does)."""
     from qf.runtime import Model
     n_batch = n_ctx if n_batch is None else n_batch
     if n_batch < 1:
         raise QFError(f"the batch size must be positive, got {n_batch}")
-    return Model.load(model_path, n_ctx=n_ctx, n_threads=n_threads, n_batch=min(n_batch, n_ctx))
+    return Model.load(model_path, n_ctx=n_ctx, n_threads=n_threads, n_batch=min(n_batch, n_ctx), **(kv or {}))
 
 
 def _model_bos(model: Model) -> int | None:
@@ -132,13 +133,14 @@ def run_kl_divergence(model: Model, base: LogitsFile, tokens: np.ndarray,
 @click.option("--kl-divergence", "kld_base", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Compare against a logits file saved with --save-logits.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Also write results as JSON.")
+@kv_cache_options
 def main(model_path: Path, text_file: Path | None, slice_name: str | None, n_ctx: int | None,
          max_chunks: int | None, n_batch: int | None, n_threads: int | None, save_logits: Path | None,
-         kld_base: Path | None, json_out: Path | None) -> None:
+         kld_base: Path | None, json_out: Path | None, type_k: str, type_v: str) -> None:
     """Perplexity of MODEL_PATH over a text (llama-perplexity's method), or its KL divergence to a reference."""
     try:
         result = _main(model_path, text_file, slice_name, n_ctx, max_chunks, n_batch, n_threads,
-                       save_logits, kld_base)
+                       save_logits, kld_base, dict(type_k=type_k, type_v=type_v))
     except QFError as e:
         raise click.ClickException(str(e)) from None
     if json_out is not None:
@@ -147,16 +149,16 @@ def main(model_path: Path, text_file: Path | None, slice_name: str | None, n_ctx
 
 def _main(model_path: Path, text_file: Path | None, slice_name: str | None, n_ctx: int | None,
           max_chunks: int | None, n_batch: int | None, n_threads: int | None, save_logits: Path | None,
-          kld_base: Path | None) -> dict:
+          kld_base: Path | None, kv: dict | None = None) -> dict:
     """The command's work; returns the JSON-able result."""
     if save_logits is not None and kld_base is not None:
         raise QFError("--save-logits and --kl-divergence are exclusive (save with the reference model)")
     if kld_base is not None:
-        return _main_kld(model_path, text_file, slice_name, n_ctx, max_chunks, n_batch, n_threads, kld_base)
+        return _main_kld(model_path, text_file, slice_name, n_ctx, max_chunks, n_batch, n_threads, kld_base, kv)
     n_ctx = 512 if n_ctx is None else n_ctx
     text = read_text_arg(text_file, slice_name)
     t0 = time.perf_counter()
-    with _load(model_path, n_ctx, n_threads, n_batch) as model:
+    with _load(model_path, n_ctx, n_threads, n_batch, kv) as model:
         tokens = np.asarray(model.tokenize(text), dtype=np.int64)
         plan = plan_chunks(tokens.size, n_ctx, max_chunks, _model_bos(model))
         _err(f"qperplexity: {tokens.size} tokens; {plan.n_chunks} chunks of {n_ctx}, {plan.n_scored} scored each")
@@ -168,11 +170,12 @@ def _main(model_path: Path, text_file: Path | None, slice_name: str | None, n_ct
 
 
 def _main_kld(model_path: Path, text_file: Path | None, slice_name: str | None, n_ctx: int | None,
-              max_chunks: int | None, n_batch: int | None, n_threads: int | None, kld_base: Path) -> dict:
+              max_chunks: int | None, n_batch: int | None, n_threads: int | None, kld_base: Path,
+              kv: dict | None = None) -> dict:
     """--kl-divergence: tokens come from the base file; a given text must tokenize to the same."""
     t0 = time.perf_counter()
     text = None if text_file is None and slice_name is None else read_text_arg(text_file, slice_name)
-    with LogitsFile(kld_base) as base, _load(model_path, n_ctx or base.layout.n_ctx, n_threads, n_batch) as model:
+    with LogitsFile(kld_base) as base, _load(model_path, n_ctx or base.layout.n_ctx, n_threads, n_batch, kv) as model:
         n_ctx = model.n_ctx
         tokens = None if text is None else np.asarray(model.tokenize(text), dtype=np.int64)
         check_compatible(base, n_ctx=n_ctx, n_vocab=model.n_vocab, bos_id=_model_bos(model), tokens=tokens)

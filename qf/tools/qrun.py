@@ -17,6 +17,9 @@ import click
 
 from qf.format.errors import QFError
 from qf.runtime.generate import Generation, GenerationStats
+from qf.tools.kv_options import kv_cache_options
+
+MAX_PROMPT_FILE_BYTES = 64 << 20  # -f reads at most this much (a prompt beyond it cannot fit any context)
 
 
 def _err(msg: str) -> None:
@@ -107,6 +110,27 @@ def _interactive(model: Any, system: str | None, sampling: dict, n_predict: int,
         history.append({"role": "assistant", "content": reply})
 
 
+def read_prompt_file(path: Path, limit: int = MAX_PROMPT_FILE_BYTES) -> str:
+    """A prompt file's text: a regular file of at most `limit` bytes, UTF-8 (QFError otherwise)."""
+    import os
+    import stat
+
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise QFError(f"{path}: not a regular file (a FIFO, device or directory cannot be a prompt file)")
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise QFError(f"{path}: cannot read the prompt file: {e.strerror or e}") from None
+    if len(data) > limit:
+        raise QFError(f"{path}: the prompt file is larger than {limit >> 20} MiB")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise QFError(f"{path}: the prompt file is not UTF-8 (byte {e.start})") from None
+
+
 def _gpu_layers(value: str | None) -> int | str | None:
     """-ngl's value: None (default), 'auto', 'all' or a non-negative layer count."""
     if value is None or value in ("auto", "all"):
@@ -124,7 +148,7 @@ def _gpu_layers(value: str | None) -> int | str | None:
 @click.argument("model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("-p", "--prompt", default=None, help="Prompt to complete (no prompt: interactive chat).")
 @click.option("-f", "--file", "prompt_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Read the prompt from a file.")
+              help="Read the prompt from a file (a regular file of at most 64 MiB).")
 @click.option("-n", "--n-predict", type=int, default=-1, show_default=True,
               help="Tokens to generate (-1: until end of generation or a full context).")
 @click.option("-c", "--ctx-size", "n_ctx", type=int, default=0, show_default=True,
@@ -150,16 +174,23 @@ def _gpu_layers(value: str | None) -> int | str | None:
 @click.option("-ts", "--tensor-split", default=None, help="Split layers across GPUs by these ratios, e.g. 3,1.")
 @click.option("--plan", "plan_only", is_flag=True,
               help="Print the device placement and memory breakdown without loading weights, then exit.")
+@kv_cache_options
+@click.option("--allow-context-extension", is_flag=True,
+              help="Allow -c beyond the model's trained context (quality degrades there).")
 def main(model_path: Path, prompt: str | None, prompt_file: Path | None, n_predict: int, n_ctx: int,
          n_threads: int | None, n_batch: int, temperature: float, top_k: int, top_p: float, min_p: float,
          repeat_penalty: float, repeat_last_n: int, seed: int, system_prompt: str | None, force_chat: bool,
          stop: tuple[str, ...], no_display_prompt: bool, gpu_layers: str | None, vram: str | None,
-         tensor_split: str | None, plan_only: bool) -> None:
+         tensor_split: str | None, plan_only: bool, type_k: str, type_v: str, allow_context_extension: bool) -> None:
     """Run MODEL_PATH (.qf or .gguf): complete -p, or chat interactively when no prompt is given."""
     from qf.runtime import Model
 
     if prompt_file is not None:
-        prompt = prompt_file.read_text(encoding="utf-8")
+        try:
+            prompt = read_prompt_file(prompt_file)
+        except QFError as e:
+            _err(f"qrun: error: {e}")
+            sys.exit(1)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
                     repeat_last_n=repeat_last_n, seed=None if seed < 0 else seed)
     out = sys.stdout
@@ -169,10 +200,12 @@ def main(model_path: Path, prompt: str | None, prompt_file: Path | None, n_predi
             from qf.runtime.planner import format_plan, plan_from_file
 
             click.echo(format_plan(plan_from_file(model_path, n_ctx or None, "auto" if ngl is None else ngl,
-                                                  vram=vram, n_batch=n_batch, tensor_split=tensor_split)))
+                                                  vram=vram, n_batch=n_batch, tensor_split=tensor_split,
+                                                  type_k=type_k, type_v=type_v)))
             return
         model = Model.load(model_path, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch, gpu_layers=ngl,
-                           vram=vram, tensor_split=tensor_split)
+                           vram=vram, tensor_split=tensor_split, type_k=type_k, type_v=type_v,
+                           allow_context_extension=allow_context_extension)
         if model.plan is not None:
             _err(f"qrun: {model.plan.summary()}")
         _err(f"qrun: loaded {model} in {model.load_seconds:.2f} s")
