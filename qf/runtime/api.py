@@ -18,7 +18,7 @@ from qf.runtime.devices import gpu_may_exist
 from qf.runtime.placement import Placement, build_forward, placement_from_plan, uniform_placement
 from qf.runtime.planner import Plan, plan_from_file
 from qf.runtime.chat import ChatTemplate, chat_template_from_metadata
-from qf.runtime.generate import Engine, FinishReason, Generation, GenerationStats
+from qf.runtime.generate import Engine, FinishReason, Generation, GenerationStats, LogitsConstraint
 from qf.runtime.hparams import HParams, hparams_from_metadata
 from qf.runtime.kv_cache import DEFAULT_KV_TYPE, KVSpec
 from qf.runtime.scheduler import Scheduler
@@ -270,7 +270,7 @@ class Model:
 
     # -- generation ------------------------------------------------------------------------------------
     def generate(self, prompt: str | Sequence[int], max_tokens: int | None = 128, stop: Sequence[str] = (),
-                 **sampling: Any) -> Generation:
+                 constraint: LogitsConstraint | None = None, **sampling: Any) -> Generation:
         """Stream the continuation of a prompt (text or token ids) as text pieces.
 
         Sampling keywords: temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed
@@ -279,21 +279,28 @@ class Model:
         the budget or the context runs out.
         """
         ids = self.tokenize(prompt) if isinstance(prompt, str) else _token_ids(prompt)
-        return self._start(ids, max_tokens, stop, sampling)
+        return self._start(ids, max_tokens, stop, sampling, constraint)
 
     def chat(self, messages: Sequence[Mapping[str, Any]], max_tokens: int | None = 512, stop: Sequence[str] = (),
-             **sampling: Any) -> Generation:
+             constraint: LogitsConstraint | None = None, **sampling: Any) -> Generation:
         """Stream the assistant's reply to a conversation [{"role": ..., "content": ...}, ...]."""
-        return self._start(self.chat_tokens(messages), max_tokens, stop, sampling)
+        return self._start(self.chat_tokens(messages), max_tokens, stop, sampling, constraint)
 
-    def _start(self, ids: list[int], max_tokens: int | None, stop: Sequence[str], sampling: dict) -> Generation:
+    def _start(self, ids: list[int], max_tokens: int | None, stop: Sequence[str], sampling: dict,
+               constraint: LogitsConstraint | None = None) -> Generation:
         """Create a generation (queued on the scheduler at its first iteration)."""
         self._check_open()
         self._check_ids(ids)
-        if isinstance(stop, str):
+        if stop is None:
+            stop = ()
+        elif isinstance(stop, str):
             stop = [stop]
+        known = SamplingParams.__dataclass_fields__
+        unknown = sorted(k for k in sampling if k not in known)
+        if unknown:
+            raise ModelError(f"unknown sampling parameter(s) {', '.join(unknown)}; known: {', '.join(known)}")
         gen = Generation(self._scheduler, self.tokenizer, ids, SamplingParams(**sampling),
-                         _max_tokens(max_tokens), stop)
+                         _max_tokens(max_tokens), stop, constraint=constraint)
         self._last = gen
         return gen
 

@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Iterator, Literal, Protocol, Sequence
 
 import numpy as np
 
@@ -58,6 +58,16 @@ class StopFilter:
         return out
 
 
+class LogitsConstraint(Protocol):
+    """Restricts which tokens may come next (structured output): called in the scheduler's thread."""
+
+    def mask(self, logits: np.ndarray) -> np.ndarray:
+        """logits f32 [n_vocab] with every token the constraint forbids set to -inf (in place or a copy)."""
+
+    def accept(self, token: int) -> None:
+        """The token that was sampled (the constraint advances its state)."""
+
+
 @dataclass
 class GenerationStats:
     """Token counts and timings of one generation."""
@@ -97,8 +107,10 @@ class Generation:
     """
 
     def __init__(self, scheduler: Scheduler, tokenizer: Tokenizer, prompt: Sequence[int], params: SamplingParams,
-                 max_tokens: int | None = None, stop: Sequence[str] = (), all_logits: bool = False) -> None:
+                 max_tokens: int | None = None, stop: Sequence[str] = (), all_logits: bool = False,
+                 constraint: LogitsConstraint | None = None) -> None:
         check_prompt(len(prompt), scheduler.cache.n_ctx)
+        self.constraint = constraint
         self.scheduler, self.tokenizer = scheduler, tokenizer
         self.prompt = [int(t) for t in prompt]
         self.params = params
@@ -214,7 +226,11 @@ class Generation:
         elif self.max_tokens is not None and len(self.tokens) >= self.max_tokens:
             reason = "length"
         else:
+            if self.constraint is not None:
+                logits = self.constraint.mask(np.array(logits, dtype=np.float32))
             tok = self._sampler.sample(logits, self._history)
+            if self.constraint is not None:
+                self.constraint.accept(tok)
             if tok in self.tokenizer.eog_ids:
                 reason = "stop"
             else:
