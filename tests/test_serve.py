@@ -273,3 +273,29 @@ def test_qserve_cli_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_full_queue_is_503_and_the_rest_complete(server: Server) -> None:
+    """With the scheduler paused, requests pile up; past max_queue they get 503, the others finish after."""
+    busy = Server(server.model, max_queue=2)
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def send() -> None:
+        r = busy.post("/v1/completions", {"prompt": "Hello", "max_tokens": 2})
+        with lock:
+            statuses.append(r.status_code)
+
+    try:
+        with server.model.scheduler.paused():
+            threads = [threading.Thread(target=send) for _ in range(10)]
+            for t in threads:
+                t.start()
+            deadline = time.time() + 30
+            while 503 not in statuses and time.time() < deadline:
+                time.sleep(0.05)
+        for t in threads:
+            t.join(120)
+        assert 503 in statuses and 200 in statuses and set(statuses) <= {200, 503}
+    finally:
+        busy.stop()
