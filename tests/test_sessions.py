@@ -221,3 +221,24 @@ def test_smollm2_quantized_kv_cache_kld(smollm2_gguf: Path, kv: str, kld_max: fl
     kld = float((np.exp(p_ref) * (p_ref - p_got)).sum(-1).mean())
     print(f"KV {kv}: KLD vs f16 = {kld:.5f} over {len(ids)} tokens")
     assert kld < kld_max
+
+
+def test_a_huge_prompt_fails_fast_without_tokenizing_it_all(tiny: Path) -> None:
+    """20 MB of text against a 64-token context: ContextOverflowError in bounded time and memory."""
+    import time
+    import tracemalloc
+
+    from qf.format.errors import ContextOverflowError
+
+    text = "hello world " * ((20 << 20) // 12)
+    with Model.load(tiny, n_ctx=64, n_threads=1) as m:
+        tracemalloc.start()
+        t0 = time.perf_counter()
+        with pytest.raises(ContextOverflowError):
+            m.generate(text)
+        with pytest.raises(QFError):  # the context, or the template's output budget
+            m.chat([{"role": "user", "content": text}])
+        dt = time.perf_counter() - t0
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert dt < 5 and peak < 200 << 20, (dt, peak)

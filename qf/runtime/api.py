@@ -239,12 +239,15 @@ class Model:
         return None if self._last is None else self._last.stats
 
     # -- text <-> tokens -------------------------------------------------------------------------------
-    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        """Token ids of text (BOS/EOS per the file when add_special; special-token texts parsed when asked)."""
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True,
+                 max_tokens: int | None = None) -> list[int]:
+        """Token ids of text (BOS/EOS per the file when add_special; special-token texts parsed when asked).
+
+        max_tokens: ContextOverflowError as soon as the text is known to take more (tokenizing stops there)."""
         self._check_open()
         if not isinstance(text, str):
             raise ModelError(f"text to tokenize must be a str, got {type(text).__name__}")
-        return self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
+        return self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special, max_tokens=max_tokens)
 
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
         """Text of token ids (control tokens rendered only when special=True)."""
@@ -262,7 +265,7 @@ class Model:
         """Prompt tokens for a conversation; BOS added only when the template did not write it."""
         text = self.apply_chat_template(messages)
         tok = self.tokenizer
-        ids = tok.encode(text, add_special=False)
+        ids = tok.encode(text, add_special=False, max_tokens=self.n_ctx)
         wants_bos = tok.vocab.add_bos and tok.bos_id is not None
         if wants_bos and not text.startswith(tok.token_text(tok.bos_id)):
             ids = [tok.bos_id] + ids
@@ -278,7 +281,7 @@ class Model:
         Raises ContextOverflowError when the prompt does not fit; ends with finish_reason "length" when
         the budget or the context runs out.
         """
-        ids = self.tokenize(prompt) if isinstance(prompt, str) else _token_ids(prompt)
+        ids = self.tokenize(prompt, max_tokens=self.n_ctx) if isinstance(prompt, str) else _token_ids(prompt)
         return self._start(ids, max_tokens, stop, sampling, constraint)
 
     def chat(self, messages: Sequence[Mapping[str, Any]], max_tokens: int | None = 512, stop: Sequence[str] = (),

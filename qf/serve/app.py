@@ -281,7 +281,7 @@ def _start_completion(state: ServerState, req: P.CompletionRequest) -> Generatio
     """Validate and queue a completion request."""
     _admit(state)
     m = state.model
-    ids = _call(lambda: m.tokenize(req.prompt) if isinstance(req.prompt, str) else list(req.prompt))
+    ids = _call(lambda: m.tokenize(req.prompt, max_tokens=m.n_ctx) if isinstance(req.prompt, str) else list(req.prompt))
     _check_budget(state, len(ids), req.max_tokens)
     gen = _call(lambda: m.generate(ids, max_tokens=req.max_tokens, stop=req.stop, **req.sampling()))
     state.metrics.started(len(ids))
