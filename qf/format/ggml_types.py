@@ -82,6 +82,45 @@ BLOCK: dict[GGMLType, tuple[int, int]] = {
 }
 
 
+# Where blocks keep their float scales (checked for inf/NaN by `qinspect --verify`): type -> ((field name, byte
+# offset in the block, numpy dtype), ...), from ggml-common.h. "e8m0" is MXFP4's exponent byte (0xFF = NaN).
+# IQ1_M is absent: its scale is spread over the high nibbles of its sub-block scales.
+_D0 = (("d", 0, "<f2"),)
+_D_DMIN = (("d", 0, "<f2"), ("dmin", 2, "<f2"))
+SCALE_FIELDS: dict[GGMLType, tuple[tuple[str, int, str], ...]] = {
+    GGMLType.Q4_0: _D0,
+    GGMLType.Q4_1: (("d", 0, "<f2"), ("m", 2, "<f2")),
+    GGMLType.Q5_0: _D0,
+    GGMLType.Q5_1: (("d", 0, "<f2"), ("m", 2, "<f2")),
+    GGMLType.Q8_0: _D0,
+    GGMLType.Q8_1: (("d", 0, "<f4"), ("s", 4, "<f4")),
+    GGMLType.Q2_K: (("d", QK_K // 16 + QK_K // 4, "<f2"), ("dmin", QK_K // 16 + QK_K // 4 + 2, "<f2")),
+    GGMLType.Q3_K: (("d", QK_K // 8 + QK_K // 4 + 12, "<f2"),),
+    GGMLType.Q4_K: _D_DMIN,
+    GGMLType.Q5_K: _D_DMIN,
+    GGMLType.Q6_K: (("d", QK_K // 2 + QK_K // 4 + QK_K // 16, "<f2"),),
+    GGMLType.Q8_K: (("d", 0, "<f4"),),
+    GGMLType.IQ2_XXS: _D0,
+    GGMLType.IQ2_XS: _D0,
+    GGMLType.IQ3_XXS: _D0,
+    GGMLType.IQ1_S: _D0,
+    GGMLType.IQ4_NL: _D0,
+    GGMLType.IQ3_S: _D0,
+    GGMLType.IQ2_S: _D0,
+    GGMLType.IQ4_XS: _D0,
+    GGMLType.TQ1_0: (("d", (QK_K - 4 * QK_K // 64) // 5 + QK_K // 64, "<f2"),),
+    GGMLType.TQ2_0: (("d", QK_K // 4, "<f2"),),
+    GGMLType.MXFP4: (("e", 0, "e8m0"),),
+}
+# Float element types as unsigned bit patterns: type -> (unsigned dtype, exponent mask: all ones = inf/NaN).
+FLOAT_BITS: dict[GGMLType, tuple[str, int]] = {
+    GGMLType.F32: ("<u4", 0x7F80_0000),
+    GGMLType.F16: ("<u2", 0x7C00),
+    GGMLType.BF16: ("<u2", 0x7F80),
+    GGMLType.F64: ("<u8", 0x7FF0_0000_0000_0000),
+}
+
+
 def block_size(t: GGMLType) -> int:
     """Elements per block of type t."""
     return BLOCK[GGMLType(t)][0]

@@ -1,4 +1,5 @@
-"""qinspect: print what a .qf / GGUF file holds (metadata, tokenizer, tensors) and verify its checksums."""
+"""qinspect: print what a .qf / GGUF file holds (metadata, tokenizer, tensors); --verify checks the recorded
+checksums and scans every tensor for inf/NaN (float elements, quantized blocks' scales), streamed in chunks."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import numpy as np
 
 from qf.format.checksum import CRC_KEY
 from qf.format.errors import FormatError
-from qf.format.reader import GGUFFile, Metadata, open_gguf
+from qf.format.ggml_types import BLOCK, FLOAT_BITS, SCALE_FIELDS, GGMLType
+from qf.format.reader import GGUFFile, Metadata, TensorInfo, open_gguf
 from qf.format.values import GGUFValueType
 
 PREVIEW_ITEMS = 4  # array elements shown before "..."
 PREVIEW_CHARS = 72  # string characters shown before "..."
+SCAN_CHUNK_BYTES = 4 << 20  # tensor bytes looked at per step of the inf/NaN scan (bounds its memory)
 
 # Tokenizer summary lines: label -> metadata key (token ids are also resolved to their text).
 TOKENIZER_FIELDS: dict[str, str] = {
@@ -122,8 +125,85 @@ def report(f: GGUFFile, show_tensors: bool = True) -> str:
     return "\n".join(out)
 
 
-def verify(f: GGUFFile) -> int:
-    """Recompute the checksums, print the result; exit code 0 (pass or none recorded) or 1 (mismatch)."""
+def _float_finding(ti: TensorInfo, chunk: np.ndarray, r0: int) -> tuple[str, int] | None:
+    """(description of the first inf/NaN, count) in chunk, rows r0.. of a float tensor; None when all finite."""
+    udt, mask = FLOAT_BITS[ti.type]
+    bits = chunk.view(udt)  # [rows, ne0]
+    bad = (bits & mask) == mask
+    n = int(np.count_nonzero(bad))
+    if not n:
+        return None
+    r, c = np.unravel_index(int(np.argmax(bad)), bad.shape)
+    b, sign = int(bits[r, c]), 8 * bits.itemsize - 1
+    what = "NaN" if b & ((1 << sign) - 1) & ~mask else ("-inf" if b >> sign else "+inf")
+    return f"{what} at row {r0 + r}, column {c}", n
+
+
+def _scale_finding(ti: TensorInfo, chunk: np.ndarray, r0: int) -> tuple[str, int] | None:
+    """(description of the first block whose scale is inf/NaN, count of such blocks) in chunk; None if none."""
+    bs, ts = BLOCK[ti.type]
+    per_row = chunk.shape[1] // ts
+    blocks = chunk.reshape(-1, ts)  # [rows * per_row, ts]
+    first: tuple[int, str, str] | None = None
+    any_bad = np.zeros(blocks.shape[0], dtype=bool)
+    for name, off, dt in SCALE_FIELDS[ti.type]:
+        if dt == "e8m0":
+            bad = blocks[:, off] == 0xFF
+            kind = "0xFF (NaN in E8M0)"
+        else:
+            v = np.ascontiguousarray(blocks[:, off:off + np.dtype(dt).itemsize]).view(dt)[:, 0]
+            bad = ~np.isfinite(v)
+        if bad.any():
+            i = int(np.argmax(bad))
+            if dt != "e8m0":
+                kind = "NaN" if np.isnan(v[i]) else ("+inf" if v[i] > 0 else "-inf")
+            if first is None or i < first[0]:
+                first = (i, name, kind)
+            any_bad |= bad
+    if first is None:
+        return None
+    i, name, kind = first
+    r, k = divmod(i, per_row)
+    return (f"{name} is {kind} in block {(r0 + r) * per_row + k} (row {r0 + r}, block {k} of the row)",
+            int(np.count_nonzero(any_bad)))
+
+
+def nonfinite(f: GGUFFile, ti: TensorInfo, chunk_bytes: int = SCAN_CHUNK_BYTES) -> str | None:
+    """The first inf/NaN of a tensor, described ('+inf at row 0, column 3 (8 values)'); None when finite or
+    when its type holds no float (integers, IQ1_M). Streams chunk_bytes of rows at a time."""
+    if ti.type in FLOAT_BITS:
+        scan, unit = _float_finding, "values"
+    elif ti.type in SCALE_FIELDS:
+        scan, unit = _scale_finding, "blocks"
+    else:
+        return None
+    raw = f.raw(ti.name)  # [n_rows, row_bytes], a view of the mmap
+    rows = max(1, chunk_bytes // max(ti.row_bytes, 1))
+    first, total = None, 0
+    for r0 in range(0, ti.n_rows if ti.row_bytes else 0, rows):
+        found = scan(ti, raw[r0:r0 + rows], r0)
+        if found is not None:
+            first = first or found[0]
+            total += found[1]
+    return None if first is None else f"{first} ({total} {unit} in all)"
+
+
+def verify_finite(f: GGUFFile) -> int:
+    """Scan every tensor for inf/NaN and print what is found; the number of tensors with any."""
+    bad = 0
+    for ti in f.tensors.values():
+        found = nonfinite(f, ti)
+        if found is not None:
+            what = "scale" if ti.type in SCALE_FIELDS else "value"
+            click.echo(f"non-finite {what}: {ti.name} ({ti.type.name}): {found}")
+            bad += 1
+    click.echo(f"verify: {len(f.tensors) - bad} of {len(f.tensors)} tensors finite"
+               + ("" if not bad else f", {bad} with inf/NaN"))
+    return bad
+
+
+def verify_checksums(f: GGUFFile) -> int:
+    """Recompute the checksums and print the result; the number of mismatches (0 when none are recorded)."""
     if not f.has_checksums:
         click.echo(f"verify: no checksums recorded ({CRC_KEY} absent): nothing to verify")
         return 0
@@ -136,12 +216,19 @@ def verify(f: GGUFFile) -> int:
         click.echo(f"checksum mismatch: {name}")
     click.echo(f"verify: {len(f.tensors) - len(bad)} of {len(f.tensors)} tensors pass"
                + ("" if not bad else f", {len(bad)} FAIL"))
-    return 1 if bad else 0
+    return len(bad)
+
+
+def verify(f: GGUFFile) -> int:
+    """Checksums, then the inf/NaN scan; exit code 0 (all good) or 1 (a mismatch or a non-finite tensor)."""
+    mismatches = verify_checksums(f)
+    return 1 if verify_finite(f) + mismatches else 0
 
 
 @click.command()
 @click.argument("file", type=click.Path(dir_okay=True))
-@click.option("--verify", "do_verify", is_flag=True, help="Recompute per-tensor checksums; exit 1 on a mismatch.")
+@click.option("--verify", "do_verify", is_flag=True,
+              help="Recompute per-tensor checksums and scan tensors for inf/NaN; exit 1 on either.")
 @click.option("--tensors/--no-tensors", default=True, help="Print the tensor table.")
 def main(file: str, do_verify: bool, tensors: bool) -> None:
     """Print the metadata, tokenizer summary and tensor table of a .qf / GGUF FILE."""
