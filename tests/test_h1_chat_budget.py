@@ -219,6 +219,19 @@ def test_model_load_does_not_compile_the_template(tmp_path: Path) -> None:
             m.apply_chat_template(MESSAGES)
 
 
+def test_a_failed_compile_is_not_retried_on_every_render() -> None:
+    t = ChatTemplate("{{ x }}" * 40000)
+    t0 = time.perf_counter()
+    with pytest.raises(TemplateBudgetError, match="tokens budget"):
+        t.render(MESSAGES)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(20):
+        with pytest.raises(TemplateBudgetError, match="tokens budget"):
+            t.render(MESSAGES)
+    assert time.perf_counter() - t0 < first + 0.05 and not t.compiled
+
+
 def test_source_budget_is_checked_at_construction() -> None:
     with pytest.raises(TemplateBudgetError, match="source budget.*QF_TEMPLATE_MAX_SOURCE"):
         ChatTemplate("x" * ((1 << 20) + 1))
@@ -251,6 +264,16 @@ def test_bad_budget_environment_is_named(var: str, value: str, monkeypatch: pyte
 def test_bad_budget_values_are_named(field: str, value: Any) -> None:
     with pytest.raises(ChatTemplateError, match=f"TemplateBudget.{field}: expected a positive"):
         TemplateBudget(**{field: value})
+
+
+def test_autoescape_blocks_and_long_error_messages() -> None:
+    source = "{% autoescape true %}{{ ('<' ~ messages[0].content) | length }}|{{ '<a>' ~ '&' }}{% endautoescape %}"
+    messages = [{"role": "user", "content": "x&y"}]
+    assert ChatTemplate(source).render(messages) == reference_render(source, messages) == "4|&lt;a&gt;&amp;"
+    for source in ("{{ raise_exception('x' * 100000) }}", "{{ {}['k' * 100000].x }}"):
+        with pytest.raises(ChatTemplateError) as e:
+            ChatTemplate(source).render(messages)
+        assert len(str(e.value)) < 1200 and "(100000 characters)" in str(e.value) or "characters)" in str(e.value)
 
 
 def test_budget_errors_are_chat_template_errors() -> None:

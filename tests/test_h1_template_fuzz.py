@@ -105,6 +105,7 @@ def _stmt_step(inner: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
         st.builds(IF_ELSE.format, _closed(ANY, "4"), inner, inner),
         st.builds(lambda s: f"{{% set y %}}{s}{{% endset %}}{{{{ y ~ y }}}}", inner),
         st.builds(lambda s: f"{{% filter upper %}}{s}{{% endfilter %}}", inner),
+        st.builds(lambda s: f"{{% autoescape true %}}{s}{{% endautoescape %}}", inner),
     )
 
 

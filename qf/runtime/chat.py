@@ -143,7 +143,12 @@ class _TemplateRaised(Exception):
 
 def _raise_exception(message: str) -> None:
     """The `raise_exception` helper HF templates call to reject a conversation."""
-    raise _TemplateRaised(str(message))
+    raise _TemplateRaised(_shorten(str(message)))
+
+
+def _shorten(text: str, limit: int = 1000) -> str:
+    """An error message quoting template values, cut to a readable length."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _strftime_now(fmt: str) -> str:
@@ -601,7 +606,7 @@ def _make_environment(budget: TemplateBudget) -> Any:
     from jinja2 import nodes, pass_context
     from jinja2.compiler import CodeGenerator
     from jinja2.lexer import TokenStream
-    from jinja2.runtime import LoopContext
+    from jinja2.runtime import LoopContext, markup_join
     from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedFormatter
     from markupsafe import EscapeFormatter
 
@@ -630,7 +635,7 @@ def _make_environment(budget: TemplateBudget) -> Any:
         """Code generation routing `~` and container literals through the meter."""
 
         def visit_Concat(self, node: nodes.Concat, frame: Any) -> None:
-            self.write("environment.qf_concat((")
+            self.write("environment.qf_concat(context, (")
             for arg in node.nodes:
                 self.visit(arg, frame)
                 self.write(", ")
@@ -726,13 +731,13 @@ def _make_environment(budget: TemplateBudget) -> Any:
                 m.charge(n)
             return "".join(parts)
 
-        def qf_concat(self, parts: tuple) -> str:
-            """The `~` operator: measured before it is joined."""
+        def qf_concat(self, context: Any, parts: tuple) -> str:
+            """The `~` operator: measured before it is joined (escaping inside {% autoescape true %})."""
             m = _meter()
             if m is not None:
                 m.tick()
                 m.allow(sum(m.text(p) for p in parts), "'~'")
-            out = "".join(map(str, parts))
+            out = markup_join(parts) if context.eval_ctx.autoescape else "".join(map(str, parts))
             if m is not None:
                 m.charge(len(out))
             return out
@@ -828,6 +833,7 @@ class ChatTemplate:
             raise _over(self.budget, "source", f"{len(source)} characters")
         self.source, self.bos_token, self.eos_token = source, bos_token, eos_token
         self._template: Any = None
+        self._error: ChatTemplateError | None = None  # why compiling failed (not retried on every render)
         self._lock = threading.Lock()
 
     @property
@@ -838,17 +844,13 @@ class ChatTemplate:
     def compile(self) -> None:
         """Compile now (render does it on first use); a template that does not compile raises ChatTemplateError."""
         with self._lock:
-            if self._template is not None:
-                return
-            env = _make_environment(self.budget)
-            try:
-                self._template = env.from_string(self.source)
-            except ChatTemplateError:
-                raise
-            except RecursionError as e:
-                raise _over(self.budget, "nesting", "the parser ran out of Python stack") from e
-            except Exception as e:  # any failure of untrusted source is the template's
-                raise ChatTemplateError(f"tokenizer.chat_template does not compile: {type(e).__name__}: {e}") from e
+            if self._template is None and self._error is None:
+                try:
+                    self._template = _compiled(self.source, self.budget)
+                except ChatTemplateError as e:
+                    self._error = e
+            if self._error is not None:
+                raise self._error.with_traceback(None)
 
     def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
                **extra: Any) -> str:
@@ -866,13 +868,14 @@ class ChatTemplate:
         except ChatTemplateError:
             raise
         except SecurityError as e:
-            raise ChatTemplateError(f"tokenizer.chat_template tried an unsafe operation (refused): {e}") from e
+            raise ChatTemplateError(f"tokenizer.chat_template tried an unsafe operation (refused): "
+                                    f"{_shorten(str(e))}") from e
         except _TemplateRaised as e:
             raise ChatTemplateError(f"tokenizer.chat_template rejected the conversation: {e}") from e
         except RecursionError as e:
             raise meter.over("depth", "Python's recursion limit was reached") from e
         except Exception as e:  # any failure of untrusted code is the template's
-            raise ChatTemplateError(f"tokenizer.chat_template failed: {type(e).__name__}: {e}") from e
+            raise ChatTemplateError(f"tokenizer.chat_template failed: {type(e).__name__}: {_shorten(str(e))}") from e
         finally:
             _METER.reset(token)
             meter.memo.clear()
@@ -887,6 +890,20 @@ class ChatTemplate:
                 raise meter.over("output")
             parts.append(chunk)
         return "".join(parts)
+
+
+def _compiled(source: str, budget: TemplateBudget) -> Any:
+    """The jinja2 Template of a source, in a fresh budgeted environment; ChatTemplateError when it cannot be."""
+    env = _make_environment(budget)
+    try:
+        return env.from_string(source)
+    except ChatTemplateError:
+        raise
+    except RecursionError as e:
+        raise _over(budget, "nesting", "the parser ran out of Python stack") from e
+    except Exception as e:  # any failure of untrusted source is the template's
+        raise ChatTemplateError(f"tokenizer.chat_template does not compile: {type(e).__name__}: "
+                                f"{_shorten(str(e))}") from e
 
 
 def _check_messages(messages: Sequence[Mapping[str, Any]]) -> None:
