@@ -7,7 +7,8 @@ import json
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from types import CodeType
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytest
@@ -28,6 +29,101 @@ def sample_texts(n: int = 200, seed: int = 0) -> list[str]:
     """Deterministic pseudo-sentences for training tiny tokenizers."""
     rng = random.Random(seed)
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))) for _ in range(n)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Tests that need a fetched model are `slow`, found mechanically rather than marked by hand: a test is
+# slow when it, or any fixture it uses (directly, through other fixtures, or by a fixture name among its
+# parameters for request.getfixturevalue), is one of FETCHING_FIXTURES or has code naming fetch_model.
+# A guard on the downloader then makes any other test fail instead of downloading (a fetch hidden in a helper).
+# ------------------------------------------------------------------------------------------------
+
+FETCHING_FIXTURES = frozenset({"smollm2_gguf", "gemma3_gguf", "smollm2_hf"})
+_FETCH_NAME = "fetch_model"
+
+
+def _code_names_fetch(code: CodeType) -> bool:
+    """Whether code (or a function nested in it) refers to fetch_model: a call, or an import of it."""
+    return _FETCH_NAME in code.co_names or any(
+        _code_names_fetch(c) for c in code.co_consts if isinstance(c, CodeType))
+
+
+def _function_fetches(fn: Any) -> bool:
+    """Whether a test or fixture function's code refers to fetch_model."""
+    code = getattr(getattr(fn, "__wrapped__", fn), "__code__", None)
+    return code is not None and _code_names_fetch(code)
+
+
+def _fixture_fetches(name: str, item: pytest.Item, seen: set[str]) -> bool:
+    """Whether fixture `name`, as item sees it, fetches a model itself or through the fixtures it uses."""
+    if name in FETCHING_FIXTURES:
+        return True
+    if name in seen:
+        return False
+    seen.add(name)
+    defs = item.session._fixturemanager.getfixturedefs(name, item) or ()
+    return any(_function_fetches(d.func) or any(_fixture_fetches(a, item, seen) for a in d.argnames) for d in defs)
+
+
+def _fixture_names(item: pytest.Item) -> Iterator[str]:
+    """The fixtures item uses, plus string parameters (fixture names handed to request.getfixturevalue)."""
+    yield from getattr(item, "fixturenames", ())
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None:
+        yield from (v for v in callspec.params.values() if isinstance(v, str))
+
+
+def needs_fetch(item: pytest.Item) -> bool:
+    """Whether running item may fetch a model from PyPI."""
+    seen: set[str] = set()
+    return _function_fetches(getattr(item, "function", None)) or any(
+        _fixture_fetches(n, item, seen) for n in _fixture_names(item))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark `slow` every test that needs a fetched model (so `-m "not slow"` never downloads)."""
+    for item in items:
+        if item.get_closest_marker("slow") is None and needs_fetch(item):
+            item.add_marker(pytest.mark.slow)
+
+
+_RUNNING: list[pytest.Item] = []  # the test being run (its fixtures of every scope are set up inside it)
+_REAL_DOWNLOAD = pytest.StashKey[Callable[[str, Path], Path]]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
+    """Remember which test is running, for the download guard."""
+    _RUNNING.append(item)
+    try:
+        return (yield)
+    finally:
+        _RUNNING.pop()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Guard the downloader: outside `slow` tests a download is a bug in the marking, so it fails instead."""
+    import qf.tools.fetch as fetch
+
+    real = fetch._pip_download
+
+    def guarded(package: str, dest: Path) -> Path:
+        item = _RUNNING[-1] if _RUNNING else None
+        if item is not None and item.get_closest_marker("slow") is None:
+            raise AssertionError(f"{item.nodeid} is not marked slow but tried to download {package}: "
+                                 "use a fetching fixture or mark it @pytest.mark.slow")
+        return real(package, dest)
+
+    config.stash[_REAL_DOWNLOAD] = real
+    fetch._pip_download = guarded
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Put the downloader back."""
+    import qf.tools.fetch as fetch
+
+    if _REAL_DOWNLOAD in config.stash:
+        fetch._pip_download = config.stash[_REAL_DOWNLOAD]
 
 
 @pytest.fixture(scope="session")
