@@ -123,35 +123,46 @@ HOSTILE: list[tuple[str, str, str]] = [
 ]
 
 
-def _measure(source: str, budget: TemplateBudget | None = None) -> tuple[BaseException | None, float, int]:
-    """(the error rendering raised, seconds from construction to failure, peak traced bytes)."""
-    tracemalloc.start()
+def _timed(source: str, budget: TemplateBudget | None = None) -> tuple[BaseException | None, float]:
+    """(the error rendering raised, seconds from construction to failure)."""
     t0 = time.perf_counter()
-    err: BaseException | None = None
     try:
         ChatTemplate(source, "<s>", "</s>", budget=budget).render(MESSAGES)
-    except Exception as e:  # noqa: BLE001 - the test checks its type
-        err = e
+    except Exception as e:  # noqa: BLE001 - the tests check its type
+        return e, time.perf_counter() - t0
+    return None, time.perf_counter() - t0
+
+
+def _peak(source: str) -> int:
+    """Peak bytes Python allocated from construction to failure (traced apart: tracing slows rendering)."""
+    tracemalloc.start()
+    try:
+        _timed(source)
+        return tracemalloc.get_traced_memory()[1]
     finally:
-        elapsed = time.perf_counter() - t0
-        peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-    return err, elapsed, peak
+
+
+# Failures while parsing: tracing makes jinja2's lexer and parser ~15x slower, so their memory is checked
+# only by the address-space-limited child below (which runs every case).
+PARSE_BUDGETS = {"tokens", "nesting"}
 
 
 @pytest.mark.parametrize("name,source,budget", HOSTILE, ids=[h[0] for h in HOSTILE])
 def test_hostile_template_fails_fast_in_bounded_memory(name: str, source: str, budget: str) -> None:
-    err, elapsed, peak = _measure(source)
+    err, elapsed = _timed(source)
     assert isinstance(err, TemplateBudgetError), repr(err)
     assert err.budget == budget, str(err)
     assert "exceeded its " + budget + " budget" in str(err)
     assert elapsed < SECONDS, f"{name}: {elapsed:.2f} s"
-    assert peak < PEAK_BYTES, f"{name}: {peak / 2**20:.1f} MiB"
+    if budget not in PARSE_BUDGETS:
+        peak = _peak(source)
+        assert peak < PEAK_BYTES, f"{name}: {peak / 2**20:.1f} MiB"
 
 
 def test_time_budget_stops_a_slow_render() -> None:
     budget = TemplateBudget(max_steps=10**12, max_seconds=0.3)
-    err, elapsed, _ = _measure(HOSTILE[8][1], budget)  # nested loops, steps unlimited
+    err, elapsed = _timed(HOSTILE[8][1], budget)  # nested loops, steps unlimited
     assert isinstance(err, TemplateBudgetError) and err.budget == "time", repr(err)
     assert "QF_TEMPLATE_MAX_SECONDS" in str(err) and elapsed < 0.3 + 1.0
 
@@ -183,7 +194,7 @@ def test_hostile_templates_under_a_hard_address_space_limit() -> None:
     budget (a MemoryError would have shown it really tried to allocate)."""
     import json
 
-    cases = [h for h in HOSTILE if h[2] != "tokens"]
+    cases = HOSTILE
     child = subprocess.run([sys.executable, "-c", _CHILD], input=json.dumps([h[1] for h in cases]),
                            capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONHASHSEED": "0"})
     assert child.returncode == 0, child.stderr[-2000:]
@@ -277,7 +288,7 @@ def test_autoescape_blocks_and_long_error_messages() -> None:
 
 
 def test_budget_errors_are_chat_template_errors() -> None:
-    err, _, _ = _measure("{{ 'a' * 10**9 }}")
+    err, _ = _timed("{{ 'a' * 10**9 }}")
     assert isinstance(err, ChatTemplateError) and err.env == "QF_TEMPLATE_MAX_VALUE"
     assert err.limit == TemplateBudget().max_value_chars
 
