@@ -89,7 +89,7 @@ def test_many_keys_of_nested_arrays_stop_at_the_budget(tmp_path: Path) -> None:
     p = write(tmp_path, RawGGUF(kvs=kvs))
     err, dt, peak = measure(lambda: open_gguf(p, limits=MetadataLimits(max_bytes=budget)))
     assert isinstance(err, FormatError) and err.field.startswith("evil.") and "8 MiB" in str(err), err
-    assert peak < 2 * budget and dt < 5, (peak, dt)
+    assert peak < 2 * budget and dt < 15, (peak, dt)
 
 
 def test_long_strings_count_their_bytes(tmp_path: Path) -> None:
