@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -13,7 +14,11 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pytest
 
-from qf.tools.fetch import cache_dir, fetch_model
+# Without a GPU, Triton kernels run in Triton's CPU interpreter; it must be chosen before triton is imported.
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from qf.tools.fetch import cache_dir, fetch_model  # noqa: E402
 
 # Modules whose code decides what an exported folder contains: their source hash names the cached export.
 _EXPORT_MODULES = ("convert/export", "convert/tokenizer_export", "convert/tokenizer", "convert/tokenizer_pre",

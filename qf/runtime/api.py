@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import time
@@ -12,7 +11,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from qf.format.errors import ModelError, PlanError
+from qf.format.model_check import unsupported_architecture
 from qf.format.reader import open_gguf
+from qf.runtime.arch import all_forwards
 from qf.runtime.backend import CpuBackend
 from qf.runtime.devices import gpu_may_exist
 from qf.runtime.placement import Placement, build_forward, placement_from_plan, uniform_placement
@@ -27,26 +28,22 @@ from qf.runtime.threads import DecodeThreads
 from qf.runtime.tokenizer import Tokenizer, load_tokenizer
 from qf.runtime.weights import load_tensors
 
-# Modules under qf.runtime.arch that implement forward passes; each exports ARCHS (name -> spec) and a
-# forward class. A new architecture adds its module here.
-ARCH_MODULES: dict[str, str] = {"qf.runtime.arch.llama": "LlamaForward", "qf.runtime.arch.gemma3": "Gemma3Forward"}
 DEFAULT_N_CTX = 4096
 MAX_SLOTS = 256  # KV slots (parallel sequences) one model may hold
 RAM_HEADROOM = 0.9  # the CPU KV cache may take at most this share of the available memory
 
 
-def _architecture(meta: Any, path: str) -> tuple[str, Any, type]:
-    """(general.architecture, its spec, its forward class), or a ModelError listing what is supported."""
-    if "general.architecture" not in meta:
+def _architecture(f: Any, path: str) -> tuple[str, Any, type]:
+    """(general.architecture, its spec, its forward class) from the discovered qf.runtime.arch modules, or a
+    ModelError listing what is supported and how the file differs."""
+    if "general.architecture" not in f.meta:
         raise ModelError(f"{path}: general.architecture: missing")
-    name = str(meta.get_str("general.architecture"))
-    known = []
-    for module_name, cls_name in ARCH_MODULES.items():
-        module = importlib.import_module(module_name)
-        if name in module.ARCHS:
-            return name, module.ARCHS[name], getattr(module, cls_name)
-        known += list(module.ARCHS)
-    raise ModelError(f"{path}: general.architecture: {name!r} is not supported (supported: {', '.join(known)})")
+    name = str(f.meta.get_str("general.architecture"))
+    forwards = all_forwards()
+    if name not in forwards:
+        raise unsupported_architecture(name, path, f.tensors)
+    spec, forward_cls = forwards[name]
+    return name, spec, forward_cls
 
 
 def _tokenizer(meta: Any, hp: HParams, path: str) -> Tokenizer:
@@ -60,7 +57,8 @@ def _tokenizer(meta: Any, hp: HParams, path: str) -> Tokenizer:
 
 def _placement(path: str, n_ctx: int, n_batch: int, n_layer: int, cpu: CpuBackend,
                gpu_layers: int | str | None, vram: Any, tensor_split: Any,
-               kv: KVSpec | None = None) -> tuple[Placement, Plan | None]:
+               kv: KVSpec | None = None, torch_options: Mapping[str, Any] | None = None
+               ) -> tuple[Placement, Plan | None]:
     """Where each layer runs: all on the CPU backend (gpu_layers 0), else as the planner places them."""
     if gpu_layers is None:
         gpu_layers = "auto" if gpu_may_exist() else 0
@@ -68,10 +66,12 @@ def _placement(path: str, n_ctx: int, n_batch: int, n_layer: int, cpu: CpuBacken
         return uniform_placement(n_layer, cpu), None
     plan = plan_from_file(path, n_ctx, gpu_layers, vram=vram, n_batch=n_batch, tensor_split=tensor_split,
                           kv_spec=kv)
-    if plan.hypothetical and plan.n_gpu_layers:
+    opts = dict(torch_options or {})
+    stand_in = bool(opts.get("device_map"))
+    if plan.hypothetical and plan.n_gpu_layers and not stand_in:
         raise PlanError(f"{path}: the plan puts {plan.n_gpu_layers} layers on a GPU but no CUDA device is "
                         "visible; run with gpu_layers=0, or print the what-if plan with `qrun --plan`")
-    return placement_from_plan(plan, cpu=cpu), plan
+    return placement_from_plan(plan, cpu=cpu, **opts), plan
 
 
 def default_threads() -> int:
@@ -108,7 +108,8 @@ class Model:
              n_batch: int = 256, warmup: bool = True, gpu_layers: int | str | None = 0,
              vram: str | int | None = None, tensor_split: str | None = None,
              cpu_backend: CpuBackend | None = None, n_seq: int = 1, type_k: str = DEFAULT_KV_TYPE,
-             type_v: str = DEFAULT_KV_TYPE, allow_context_extension: bool = False) -> "Model":
+             type_v: str = DEFAULT_KV_TYPE, allow_context_extension: bool = False,
+             torch_options: Mapping[str, Any] | None = None) -> "Model":
         """Open a .qf/.gguf file by mmap, validate it, and prepare a KV cache of n_seq slots of n_ctx positions.
 
         gpu_layers: 0 runs on the CPU; N puts the last N layers on the GPU(s) (llama.cpp's -ngl); "auto"
@@ -121,6 +122,8 @@ class Model:
         n_seq: KV slots, i.e. generations that run (batched) at once; more wait for a slot (llama.cpp's -np).
         type_k / type_v: KV cache types f32, f16 (default), q8_0, q4_0 (llama.cpp's -ctk / -ctv).
         n_ctx beyond the model's trained context is refused unless allow_context_extension (then a warning).
+        torch_options go to each GPU's TorchBackend: weight_dtype, kernels ("auto" | "triton" | "torch"),
+        tile_elems, compile, and device_map (plan device -> torch device, e.g. {"cuda:0": "cpu"} in tests).
 
         warmup (as llama.cpp does) runs a 2-token batch and a 1-token step once, so that loading the
         compiled kernels and the first page-in of the weights count as load time, not as prompt time.
@@ -131,13 +134,14 @@ class Model:
         n_batch = _positive_int(n_batch, "n_batch", 1 << 16)
         f = open_gguf(path)
         try:
-            arch, spec, forward_cls = _architecture(f.meta, path)
+            arch, spec, forward_cls = _architecture(f, path)
             hp = hparams_from_metadata(f.meta, arch, path)
             tokenizer = _tokenizer(f.meta, hp, path)
             ctx = _context_size(n_ctx, hp, allow_context_extension)
             kv = KVSpec(n_seq, ctx, hp.n_head_kv, hp.head_dim, hp.head_dim, type_k, type_v)
             cpu = cpu_backend or CpuBackend(n_threads or default_threads())
-            placement, plan = _placement(path, ctx, n_batch, hp.n_layer, cpu, gpu_layers, vram, tensor_split, kv)
+            placement, plan = _placement(path, ctx, n_batch, hp.n_layer, cpu, gpu_layers, vram, tensor_split, kv,
+                                         torch_options)
             _check_host_memory(kv, sum(be is cpu for be in placement.layers))
             forward = build_forward(forward_cls, hp, spec, load_tensors(f, hp, path), placement, ctx)
             template = chat_template_from_metadata(f.meta, *_bos_eos_text(tokenizer))

@@ -41,8 +41,10 @@ class TorchBackend:
     """Backend over torch tensors on `device`; weights packed on the device, activations f32."""
 
     def __init__(self, device: str | torch.device = "cuda", weight_dtype: torch.dtype | None = None,
-                 tile_elems: int | None = None, compile: bool = False, n_threads: int | None = None) -> None:
+                 tile_elems: int | None = None, compile: bool = False, n_threads: int | None = None,
+                 kernels: str = "auto") -> None:
         self.device = torch.device(device)
+        self.fused = _fused_kernels(kernels, self.device)  # qtype -> fused matmul for M <= its max rows
         self.n_threads = n_threads
         kind = self.device.type if self.device.type in DTYPES else "cuda"
         default_w, self.attn_dtype = DTYPES[kind]
@@ -114,9 +116,14 @@ class TorchBackend:
 
     def linear(self, w: tq.PackedWeight, x: torch.Tensor, bias: torch.Tensor | None = None,
                exact_rows: bool = False) -> torch.Tensor:
-        """x [M, n_in] @ w.T (+ bias) -> f32 [M, n_out], w dequantized tile by tile (exact_rows: best effort;
-        GEMM libraries may sum a row differently for different M)."""
-        y = tq.matmul(w, x, self.weight_dtype, self.tile_elems, self._dequant)
+        """x [M, n_in] @ w.T (+ bias) -> f32 [M, n_out]: the fused Triton kernel for decode-sized M, else
+        w dequantized tile by tile (exact_rows: best effort; GEMM libraries may sum a row differently for
+        different M)."""
+        fused = self.fused.get(w.qtype)
+        if fused is not None and x.shape[0] <= fused[1]:
+            y = fused[0](w, x)
+        else:
+            y = tq.matmul(w, x, self.weight_dtype, self.tile_elems, self._dequant)
         return y if bias is None else y.add_(bias)
 
     def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: np.ndarray, neox: bool) -> None:
@@ -150,6 +157,25 @@ class TorchBackend:
     def scale_(self, x: torch.Tensor, s: float) -> None:
         """x *= s in place."""
         x.mul_(float(s))
+
+
+KERNEL_CHOICES = ("auto", "triton", "torch")
+
+
+def _fused_kernels(kernels: str, device: torch.device) -> dict:
+    """The fused matmuls to use: Triton's for its types on CUDA ("auto"), or anywhere ("triton": on a CPU
+    device that needs TRITON_INTERPRET=1), or none ("torch": dequantized tiles only)."""
+    if kernels not in KERNEL_CHOICES:
+        raise ModelError(f"torch kernels {kernels!r}: use one of {', '.join(KERNEL_CHOICES)}")
+    if kernels == "torch" or (kernels == "auto" and device.type != "cuda"):
+        return {}
+    try:
+        from qf.runtime.kernels import triton_qmm
+    except ImportError as e:
+        if kernels == "triton":
+            raise ModelError(f"torch kernels 'triton': Triton is not importable ({e})") from e
+        return {}
+    return {t: (triton_qmm.qmm, triton_qmm.MAX_M) for t in triton_qmm.SUPPORTED}
 
 
 def _runs(slots: np.ndarray, pos: np.ndarray) -> list[tuple[int, int, int]]:
