@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from qf.format.errors import ModelError, PlanError
+from qf.format.errors import ContextOverflowError, ModelError, PlanError
 from qf.format.model_check import unsupported_architecture
 from qf.format.reader import open_gguf
 from qf.runtime.arch import all_forwards
@@ -269,7 +269,7 @@ class Model:
         """Prompt tokens for a conversation; BOS added only when the template did not write it."""
         text = self.apply_chat_template(messages)
         tok = self.tokenizer
-        ids = tok.encode(text, add_special=False, max_tokens=self.n_ctx)
+        ids = self._prompt_ids(text, add_special=False)
         wants_bos = tok.vocab.add_bos and tok.bos_id is not None
         if wants_bos and not text.startswith(tok.token_text(tok.bos_id)):
             ids = [tok.bos_id] + ids
@@ -285,8 +285,18 @@ class Model:
         Raises ContextOverflowError when the prompt does not fit; ends with finish_reason "length" when
         the budget or the context runs out.
         """
-        ids = self.tokenize(prompt, max_tokens=self.n_ctx) if isinstance(prompt, str) else _token_ids(prompt)
+        ids = self._prompt_ids(prompt) if isinstance(prompt, str) else _token_ids(prompt)
         return self._start(ids, max_tokens, stop, sampling, constraint)
+
+    def _prompt_ids(self, text: str, add_special: bool = True) -> list[int]:
+        """A prompt's tokens; ContextOverflowError (tokenizing stops early) when it cannot fit the context."""
+        self._check_open()
+        if not isinstance(text, str):
+            raise ModelError(f"the prompt must be a str or token ids, got {type(text).__name__}")
+        try:
+            return self.tokenizer.encode(text, add_special=add_special, max_tokens=self.n_ctx)
+        except ContextOverflowError as e:
+            raise ContextOverflowError(f"the prompt does not fit in the context of {self.n_ctx} tokens: {e}") from None
 
     def chat(self, messages: Sequence[Mapping[str, Any]], max_tokens: int | None = 512, stop: Sequence[str] = (),
              constraint: LogitsConstraint | None = None, **sampling: Any) -> Generation:
