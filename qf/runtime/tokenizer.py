@@ -286,9 +286,9 @@ class Tokenizer(ABC):
     @staticmethod
     def _overflow(max_tokens: int, seen: int, estimated: bool) -> ContextOverflowError:
         """The error for text that takes more than max_tokens tokens (seen: a count it reaches)."""
-        how = "at least" if estimated else "already"
-        return ContextOverflowError(f"the text takes more than the limit of {max_tokens} tokens ({how} {seen}; "
-                                    "tokenizing stopped there)")
+        how = (f"at least {seen} by its length alone, so it was not tokenized" if estimated
+               else f"{seen} after tokenizing part of it, where it stopped")
+        return ContextOverflowError(f"the text takes more than the limit of {max_tokens} tokens ({how})")
 
     def _min_tokens(self, text: str, budget: int) -> int:
         """A lower bound on the ids of text, worked out only when it could exceed budget (0: none known)."""
