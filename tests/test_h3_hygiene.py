@@ -101,8 +101,8 @@ def project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path
 def test_not_slow_keeps_only_tests_that_never_fetch(project: pytest.Pytester) -> None:
     r = project.runpytest("--collect-only", "-q", "-m", "not slow")
     ids = sorted(line for line in r.outlines if "::" in line)
-    assert ids == ["test_fetching.py::test_fetch_hidden_in_a_helper", "test_fetching.py::test_other_strings[plain_value]",
-                   "test_fetching.py::test_plain", "test_fetching.py::test_session_fixture_hides_a_fetch"], r.outlines
+    assert ids == ["test_fetching.py::test_fetch_hidden_in_a_helper",
+                   "test_fetching.py::test_other_strings[plain_value]", "test_fetching.py::test_plain", "test_fetching.py::test_session_fixture_hides_a_fetch"], r.outlines
 
 
 def test_a_fetch_the_marking_cannot_see_fails_instead_of_downloading(project: pytest.Pytester, tmp_path: Path) -> None:

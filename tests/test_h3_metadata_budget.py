@@ -93,7 +93,8 @@ def test_many_keys_of_nested_arrays_stop_at_the_budget(tmp_path: Path) -> None:
 
 
 def test_long_strings_count_their_bytes(tmp_path: Path) -> None:
-    kvs = [kv("big.array", V.ARRAY, arr(V.STRING, 3, gstr("x" * 600_000) * 3)), kv("big.str", V.STRING, gstr("y" * 200_000))]
+    kvs = [kv("big.array", V.ARRAY, arr(V.STRING, 3, gstr("x" * 600_000) * 3)),
+           kv("big.str", V.STRING, gstr("y" * 200_000))]
     p = write(tmp_path, RawGGUF(kvs=kvs))
     with pytest.raises(FormatError, match="budget") as e:
         open_gguf(p, limits=MetadataLimits(max_bytes=1 << 20))

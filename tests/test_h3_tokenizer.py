@@ -67,7 +67,7 @@ def spm_kvs() -> dict[str, tuple[int, bytes]]:
     types = [2, 3, 3] + [1] * 5 + [6] * 256
     return {"tokenizer.ggml.model": (V.STRING, gstr("llama")),
             "tokenizer.ggml.tokens": (V.ARRAY, strings(SPM_TOKENS)),
-            "tokenizer.ggml.scores": (V.ARRAY, numbers(V.FLOAT32, "f", [0.0, 0.0, 0.0] + [-1.0 * i for i in range(n - 3)])),
+            "tokenizer.ggml.scores": (V.ARRAY, numbers(V.FLOAT32, "f", [0.0] * 3 + [-1.0 * i for i in range(n - 3)])),
             "tokenizer.ggml.token_type": (V.ARRAY, numbers(V.INT32, "i", types)),
             "tokenizer.ggml.bos_token_id": scalar(V.UINT32, "I", 1),
             "tokenizer.ggml.eos_token_id": scalar(V.UINT32, "I", 2)}
@@ -102,9 +102,11 @@ HOSTILE = {
     "tokens as floats": ("bpe", "tokenizer.ggml.tokens", (V.ARRAY, numbers(V.FLOAT32, "f", [1.0] * N_BPE)),
                          r"tokenizer\.ggml\.tokens: expected ARRAY of STRING, found ARRAY of FLOAT32"),
     "token types as strings": ("spm", "tokenizer.ggml.token_type", (V.ARRAY, strings(["1"] * N_SPM)),
-                               r"tokenizer\.ggml\.token_type: expected ARRAY of an integer type, found ARRAY of STRING"),
+                               r"tokenizer\.ggml\.token_type: expected ARRAY of an integer type, "
+                               r"found ARRAY of STRING"),
     "token types as floats": ("bpe", "tokenizer.ggml.token_type", (V.ARRAY, numbers(V.FLOAT64, "d", [1.0] * N_BPE)),
-                              r"tokenizer\.ggml\.token_type: expected ARRAY of an integer type, found ARRAY of FLOAT64"),
+                              r"tokenizer\.ggml\.token_type: expected ARRAY of an integer type, "
+                              r"found ARRAY of FLOAT64"),
     "token type out of range": ("spm", "tokenizer.ggml.token_type",
                                 (V.ARRAY, numbers(V.INT32, "i", [2, 3, 7] + [1] * (N_SPM - 3))),
                                 r"tokenizer\.ggml\.token_type\[2\]: token type 7 is out of range \[0, 6\]"),
@@ -201,7 +203,7 @@ def _bpe_meta(d: dict[str, Any], pre: str) -> DictMeta:
     added = {a["id"]: a["content"] for a in d["added_tokens"]}
     tokens = [t for t, _ in sorted((vocab | {c: i for i, c in added.items()}).items(), key=lambda kv: kv[1])]
     merges = [m if isinstance(m, str) else " ".join(m) for m in d["model"]["merges"]]
-    ws = [("Ġ", "Ġ"), ("ĠĠ", "ĠĠ"), ("Ċ", "Ċ"), ("ĉ", "ĉ"), ("Ġ", "Ċ")]  # whitespace runs, as real vocabularies have
+    ws = [("Ġ", "Ġ"), ("ĠĠ", "ĠĠ"), ("Ċ", "Ċ"), ("ĉ", "ĉ"), ("Ġ", "Ċ")]  # whitespace runs, as in real vocabularies
     tokens += [a + b for a, b in ws]
     merges += [f"{a} {b}" for a, b in ws]
     types = np.array([3 if i in added else 1 for i in range(len(tokens))], np.int32)
