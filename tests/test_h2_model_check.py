@@ -180,7 +180,7 @@ def test_qquantize_refuses_what_the_runtime_refuses(base: Path, tmp_path: Path) 
 
 def test_qquantize_passes_other_architectures_through(tmp_path: Path) -> None:
     """An architecture the runtime does not know is requantized as llama-quantize would (unvalidated)."""
-    src = build_tiny_gguf(tmp_path / "phi3.gguf", arch="phi3")
+    src = build_tiny_gguf(tmp_path / "starcoder2.gguf", arch="starcoder2")
     requantize(src, tmp_path / "o.qf", "Q8_0")
     with open_gguf(tmp_path / "o.qf") as f:
         assert f.info("blk.0.attn_q.weight").type == GGMLType.Q8_0
@@ -220,7 +220,7 @@ def test_qquantize_output_may_not_be_its_input(base: Path, tmp_path: Path, how: 
     (dict(meta={"tokenizer.ggml.tokens": np.arange(264, dtype=np.int32)}), FormatError, "tokenizer.ggml.tokens"),
     (dict(meta={"tokenizer.ggml.add_bos_token": 1}), ConvertError, "tokenizer.ggml.add_bos_token"),
     (dict(meta={"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0,
-                "llama.rope.scaling.original_context_length": "8k"}), ConvertError, "original_context_length"),
+                "llama.rope.scaling.original_context_length": "8k"}), FormatError, "original_context_length"),
     (dict(replace={"output_norm.weight": ((32,), GGMLType.F32, f32(np.ones(32)))}), ModelError, "output_norm.weight"),
     (dict(add={"blk.7.ffn_up.weight": ((64,), GGMLType.F32, f32(np.ones(64)))}), ModelError, "blk.7.ffn_up.weight"),
 ])

@@ -15,6 +15,7 @@ from qf.format.values import GGUFValueType
 
 REQUIRED = object()  # HParam.default: the config must provide the key
 LAYER_NUMBER = r"(?P<bid>0|[1-9][0-9]{0,5})"  # a layer number in a tensor name; longer ones match nothing
+EXPERT_NUMBER = r"(?P<xid>0|[1-9][0-9]{0,3})"  # an expert number: HF names one tensor per expert
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,9 @@ class ArchSpec:
     extra_kv: Callable[[dict[str, Any], Path], list[KV]] = lambda cfg, path: []
     extra_tensors: Callable[[dict[str, Any], Path], dict[str, np.ndarray]] = lambda cfg, path: {}
     export_config: Callable[[dict[str, Any], set[str]], dict[str, Any]] = lambda meta, names: {}
+    # GGUF tensors made from config.json (extra_tensors): not weights on export; their values -> config entries
+    generated: tuple[str, ...] = ()
+    export_generated: Callable[[dict[str, Any], dict[str, np.ndarray]], dict[str, Any]] = lambda meta, values: {}
 
 
 def tensor_suffix(gguf_name: str) -> str:
@@ -71,33 +75,39 @@ def tensor_suffix(gguf_name: str) -> str:
 
 
 def _template_regex(template: str) -> re.Pattern[str]:
-    """'a.{bid}.b' -> regex matching it with the layer number captured (at most 6 digits)."""
-    return re.compile("^" + re.escape(template).replace(re.escape("{bid}"), LAYER_NUMBER) + "$")
+    """'a.{bid}.b' -> regex matching it with the layer number captured (at most 6 digits); '{xid}' likewise
+    captures an expert number."""
+    rx = re.escape(template).replace(re.escape("{bid}"), LAYER_NUMBER).replace(re.escape("{xid}"), EXPERT_NUMBER)
+    return re.compile("^" + rx + "$")
 
 
 class NameMap:
-    """Bidirectional name mapping compiled from a template table."""
+    """Bidirectional name mapping compiled from a template table.
+
+    An HF template holding "{xid}" names one expert of a GGUF tensor that stacks all of them (ffn_*_exps):
+    to_gguf gives its expert number, to_hf gives the template with "{xid}" left for the caller to fill."""
 
     def __init__(self, table: dict[str, str]) -> None:
         self._fwd = [(_template_regex(src), dst) for src, dst in table.items()]
         self._back = [(_template_regex(dst), src) for src, dst in table.items()]
 
     @staticmethod
-    def _apply(rules: list[tuple[re.Pattern[str], str]], name: str) -> tuple[str, int | None] | None:
-        """First rule matching name -> (mapped name, layer or None)."""
+    def _apply(rules: list[tuple[re.Pattern[str], str]], name: str) -> tuple[str, int | None, int | None] | None:
+        """First rule matching name -> (mapped name, layer or None, expert or None)."""
         for rx, out in rules:
             m = rx.match(name)
             if m:
-                bid = m.groupdict().get("bid")
-                return out.replace("{bid}", bid or ""), None if bid is None else int(bid)
+                bid, xid = m.groupdict().get("bid"), m.groupdict().get("xid")
+                return (out.replace("{bid}", bid or ""), None if bid is None else int(bid),
+                        None if xid is None else int(xid))
         return None
 
-    def to_gguf(self, hf_name: str) -> tuple[str, int | None] | None:
-        """HF tensor name -> (GGUF name, layer), or None when unmapped."""
+    def to_gguf(self, hf_name: str) -> tuple[str, int | None, int | None] | None:
+        """HF tensor name -> (GGUF name, layer, expert), or None when unmapped."""
         return self._apply(self._fwd, hf_name)
 
-    def to_hf(self, gguf_name: str) -> tuple[str, int | None] | None:
-        """GGUF tensor name -> (HF name, layer), or None when unmapped."""
+    def to_hf(self, gguf_name: str) -> tuple[str, int | None, int | None] | None:
+        """GGUF tensor name -> (HF name, layer, None); an expert tensor's HF name keeps "{xid}"."""
         return self._apply(self._back, gguf_name)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from qf.convert.archspec import ArchSpec, NameMap, head_permutation, inverse_permutation, shortest_f32, tensor_suffix
 from qf.convert.folder_io import atomic_folder, write_json
-from qf.convert.registry import spec_for_gguf
+from qf.convert.registry import all_specs, spec_for_gguf
 from qf.convert.safetensors_io import SafetensorsWriter, f32_to_bf16_bits
 from qf.convert.tokenizer_export import special_ids, write_tokenizer_files
 from qf.format.errors import ConvertError
@@ -75,10 +75,13 @@ def _validate(f: GGUFFile, path: str) -> None:
 
 
 def _hf_names(f: GGUFFile, spec: ArchSpec) -> list[tuple[str, str]]:
-    """(GGUF name, HF name) for every tensor; an unmapped tensor is an error."""
+    """(GGUF name, HF name) for every weight (generated tensors aside); an expert stack's HF name keeps
+    "{xid}"; an unmapped tensor is an error."""
     names = NameMap(spec.tensor_map)
     out, unknown = [], []
     for g in f.tensors:
+        if g in spec.generated:
+            continue
         m = names.to_hf(g)
         if m is None:
             unknown.append(g)
@@ -88,6 +91,25 @@ def _hf_names(f: GGUFFile, spec: ArchSpec) -> list[tuple[str, str]]:
         raise ConvertError(f"{f.path}: tensors with no Hugging Face name for {spec.gguf_arch}: "
                            f"{', '.join(unknown[:10])}")
     return out
+
+
+def _spec_for(f: GGUFFile) -> ArchSpec:
+    """The converter spec of the file's architecture whose name map covers its tensors (llama with experts is
+    Mixtral); the first of them when none does (its error names the tensors)."""
+    arch = str(f.meta.get_str("general.architecture", ""))
+    first = spec_for_gguf(arch)
+    for spec in (s for s in all_specs() if s.gguf_arch == arch):
+        names = NameMap(spec.tensor_map)
+        if all(g in spec.generated or names.to_hf(g) is not None for g in f.tensors):
+            return spec
+    return first
+
+
+def _weights(f: GGUFFile, g: str, hf: str) -> list[tuple[str, str]]:
+    """(HF name, "") per weight of one GGUF tensor; an expert stack gives one per expert."""
+    if "{xid}" not in hf:
+        return [(hf, "")]
+    return [(hf.replace("{xid}", str(e)), str(e)) for e in range(int(f.tensors[g].shape[0]))]
 
 
 def _unpermute(x: np.ndarray, g: str, spec: ArchSpec, meta: dict[str, Any]) -> np.ndarray:
@@ -108,10 +130,13 @@ def _unshift(x: np.ndarray, g: str, spec: ArchSpec) -> np.ndarray:
 def _write_weights(f: GGUFFile, spec: ArchSpec, meta: dict[str, Any], st_dtype: str, cast, path: Path) -> None:
     """model.safetensors, streamed one dequantized tensor at a time."""
     pairs = _hf_names(f, spec)
-    entries = [(hf, st_dtype, f.tensors[g].shape) for g, hf in pairs]
+    entries = [(name, st_dtype, f.tensors[g].shape[1:] if e else f.tensors[g].shape)
+               for g, hf in pairs for name, e in _weights(f, g, hf)]
     with SafetensorsWriter(path, entries, metadata={"format": "pt"}) as w:
         for g, hf in pairs:
-            w.write(hf, cast(_unshift(_unpermute(f.dequantize(g), g, spec, meta), g, spec)))
+            x = _unshift(_unpermute(f.dequantize(g), g, spec, meta), g, spec)
+            for name, e in _weights(f, g, hf):
+                w.write(name, cast(x[int(e)] if e else x))
 
 
 def _config(f: GGUFFile, spec: ArchSpec, meta: dict[str, Any], dtype: str) -> dict[str, Any]:
@@ -124,6 +149,7 @@ def _config(f: GGUFFile, spec: ArchSpec, meta: dict[str, Any], dtype: str) -> di
             cfg[hp.hf[0]] = shortest_f32(v) if hp.vtype == GGUFValueType.FLOAT32 else v
     cfg.setdefault("vocab_size", f.tensors["token_embd.weight"].ne[1])
     cfg.update(spec.export_config(meta, set(f.tensors)))
+    cfg.update(spec.export_generated(meta, {g: f.dequantize(g) for g in spec.generated if g in f.tensors}))
     n_tokens = len(meta.get("tokenizer.ggml.tokens", []))
     ids = special_ids(meta, n_tokens)
     cfg.update({f"{t}_token_id": ids.get(t) for t in ("bos", "eos")})
@@ -146,7 +172,7 @@ def export_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: s
         raise ConvertError(f"unsupported export dtype {dtype!r}; supported: {', '.join(DTYPES)}")
     refuse_folder_over_input(out_dir, [gguf_path], ConvertError)
     with atomic_folder(out_dir, overwrite) as tmp, open_gguf(gguf_path) as f:
-        spec = spec_for_gguf(str(f.meta.get_str("general.architecture", "")))
+        spec = _spec_for(f)
         _validate(f, os.fspath(gguf_path))
         meta = typed_meta(f, spec.gguf_arch)
         cfg = _config(f, spec, meta, dtype)  # before the weights: fails fast on what cannot be exported

@@ -6,7 +6,7 @@ import os
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -52,6 +52,7 @@ class PlannedTensor:
     data: np.ndarray | None = None  # generated values (f32), e.g. rope_freqs
     shift: float = 0.0  # constant added to the source values (gemma's 1 + w norms)
     importance: np.ndarray | None = None  # per-column weights for the quantizer (imatrix), f32 [ne0]
+    parts: tuple[str, ...] = ()  # HF tensors stacked on a new outer axis (one per expert); source = parts[0]
 
     @property
     def nbytes(self) -> int:
@@ -102,11 +103,16 @@ def _config_ints(kv: list[KV]) -> dict[str, Any]:
     return {k.split(".", 1)[1]: v for k, v, _ in kv}
 
 
-def _map_names(spec: ArchSpec, ckpt: Checkpoint, tied: bool) -> dict[str, tuple[str, int | None]]:
-    """HF name -> (GGUF name, layer) for every tensor kept; unknown names are an error."""
+Mapped = dict[str, tuple[int | None, list[tuple[int, str]]]]  # GGUF name -> (layer, [(expert, HF name)])
+
+
+def _map_names(spec: ArchSpec, ckpt: Checkpoint, tied: bool) -> Mapped:
+    """GGUF name -> (layer, its HF sources) for every tensor kept; unknown names are an error. A GGUF tensor
+    stacking experts gets one HF tensor per expert, numbered 0..E-1 without a gap."""
     names = NameMap(spec.tensor_map)
     ignore = [re.compile(p) for p in spec.ignore]
-    mapped, unknown = {}, []
+    mapped: Mapped = {}
+    unknown = []
     for hf in ckpt.names():
         if any(p.search(hf) for p in ignore):
             continue
@@ -114,18 +120,29 @@ def _map_names(spec: ArchSpec, ckpt: Checkpoint, tied: bool) -> dict[str, tuple[
         if m is None:
             unknown.append(hf)
         elif not (tied and m[0] == "output.weight"):
-            mapped[hf] = m
+            mapped.setdefault(m[0], (m[1], []))[1].append((-1 if m[2] is None else m[2], hf))
     if unknown:
         raise ConvertError(f"{ckpt.dir}: tensors with no {spec.gguf_arch} mapping: {', '.join(sorted(unknown)[:10])}")
+    for name, (_, parts) in mapped.items():
+        parts.sort()
+        ids = [x for x, _ in parts]
+        if len(parts) > 1 and ids != list(range(len(parts))):
+            raise ConvertError(f"{ckpt.dir}: {name} stacks experts {ids[:10]}...: expected 0..{len(parts) - 1} "
+                               "without a gap, each once")
     return mapped
 
 
-def _check_tensors(spec: ArchSpec, mapped: dict[str, tuple[str, int | None]], n_layers: int, where: Path) -> None:
-    """Every layer's required tensors present; no layer beyond block_count."""
-    have = {g for g, _ in mapped.values()}
-    beyond = sorted(g for g, b in mapped.values() if b is not None and b >= n_layers)
+def _check_tensors(spec: ArchSpec, mapped: Mapped, n_layers: int, where: Path, n_expert: int = 0) -> None:
+    """Every layer's required tensors present; no layer beyond block_count; every expert of a stack."""
+    have = set(mapped)
+    beyond = sorted(g for g, (b, _) in mapped.items() if b is not None and b >= n_layers)
     if beyond:
         raise ConvertError(f"{where}: tensors for layers beyond num_hidden_layers={n_layers}: {', '.join(beyond[:10])}")
+    stacks = sorted(g for g, (_, parts) in mapped.items() if parts[0][0] >= 0 and len(parts) != n_expert)
+    if stacks:
+        g = stacks[0]
+        raise ConvertError(f"{where}: {g} has {len(mapped[g][1])} experts, config.json says {n_expert}: "
+                           f"{mapped[g][1][0][1]} ...")
     need = [t.replace("{bid}", str(b)) for t in spec.required_tensors
             for b in (range(n_layers) if "{bid}" in t else [None])]
     missing = [n for n in need if n not in have]
@@ -149,23 +166,31 @@ def _plan_tensors(spec: ArchSpec, ckpt: Checkpoint, cfg: dict[str, Any], hp: dic
     tied = Fields(cfg, where / CONFIG_NAME).bool("tie_word_embeddings", False) or "lm_head.weight" not in ckpt
     mapped = _map_names(spec, ckpt, tied)
     n_layers = int(hp["block_count"])
-    _check_tensors(spec, mapped, n_layers, where)
+    n_expert = int(hp.get("expert_count", 0))
+    _check_tensors(spec, mapped, n_layers, where, n_expert)
     n_gqa = int(hp["attention.head_count"]) // int(hp["attention.head_count_kv"])
     avail = registered_types()
-    rank = {dst: i for i, dst in enumerate(spec.tensor_map.values())}  # file order follows the name map
+    rank = {dst: i for i, dst in enumerate(dict.fromkeys(spec.tensor_map.values()))}  # file order: the name map
     keyed = []
-    for hf, (name, layer) in mapped.items():
-        e = ckpt.entry(hf)
-        if e.dtype not in FLOAT_DTYPES:
-            raise ConvertError(f"{ckpt.dir}: tensor {hf} has dtype {e.dtype}; supported: {', '.join(FLOAT_DTYPES)}")
-        ne = tuple(reversed(e.shape)) or (1,)
+    for name, (layer, parts) in mapped.items():
+        hf = parts[0][1]
+        shapes = {ckpt.entry(h).shape for _, h in parts}
+        for _, h in parts:
+            e = ckpt.entry(h)
+            if e.dtype not in FLOAT_DTYPES:
+                raise ConvertError(f"{ckpt.dir}: tensor {h} has dtype {e.dtype}; supported: {', '.join(FLOAT_DTYPES)}")
+        if len(shapes) > 1:
+            raise ConvertError(f"{ckpt.dir}: the experts of {name} differ in shape: {sorted(shapes)[:4]}")
+        stacked = parts[0][0] >= 0
+        ne = (tuple(reversed(ckpt.entry(hf).shape)) or (1,)) + ((len(parts),) if stacked else ())
         suffix = tensor_suffix(name)
         heads_key = spec.permute.get(suffix)
-        ctx = TensorCtx(name, ne, layer, n_layers, tied, n_gqa, has_imatrix=imatrix is not None)
+        ctx = TensorCtx(name, ne, layer, n_layers, tied, n_gqa, n_expert, has_imatrix=imatrix is not None)
         qt = choose_type(mix, ctx, avail)
         imp = imatrix.for_tensor(name, ne) if imatrix is not None and qt not in UNWEIGHTED else None
         t = PlannedTensor(name, ne, qt, hf, None if heads_key is None else int(hp[heads_key]),
-                          shift=float(spec.value_shift.get(suffix, 0.0)), importance=imp)
+                          shift=float(spec.value_shift.get(suffix, 0.0)), importance=imp,
+                          parts=tuple(h for _, h in parts) if stacked else ())
         template = name if layer is None else name.replace(f"blk.{layer}.", "blk.{bid}.", 1)
         keyed.append((_order_key(t, layer, rank[template]), t))
     for i, (name, data) in enumerate(spec.extra_tensors(cfg, where / "config.json").items()):
@@ -290,7 +315,13 @@ def input_files(model_dir: Path, ckpt: Checkpoint) -> list[Path]:
 
 
 def _encode(ckpt: Checkpoint, t: PlannedTensor) -> np.ndarray:
-    """The stored bytes of one tensor: u8 [n_rows, row_bytes], converted a chunk of rows at a time."""
+    """The stored bytes of one tensor: u8 [n_rows, row_bytes], converted a chunk of rows at a time; a stack of
+    experts is each expert's rows in turn."""
+    if t.parts:
+        out = [_encode(ckpt, replace(t, source=h, parts=(), ne=t.ne[:-1])) for h in t.parts]
+        for h in t.parts:
+            ckpt.release(h)
+        return np.concatenate(out, axis=0)
     codec = get_codec(t.type)
     ne0 = t.ne[0]
     if t.data is not None:

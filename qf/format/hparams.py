@@ -30,8 +30,12 @@ LIMITS: dict[str, int] = {
     "vocab_size": 1 << 22,
     "attention.sliding_window": 1 << 24,
     "attention.sliding_window_pattern": 512,
+    "expert_count": 512,  # llama.cpp's LLAMA_MAX_EXPERTS
+    "expert_used_count": 512,
+    "expert_feed_forward_length": 1 << 20,
+    "rope.scaling.original_context_length": 1 << 24,
 }
-MINIMUM: dict[str, int] = {"attention.sliding_window": 0}  # keys where 0 is allowed ("none")
+MINIMUM: dict[str, int] = {"attention.sliding_window": 0, "expert_count": 0, "expert_used_count": 0}  # keys where 0 is allowed ("none")
 
 # rope.scaling.type values the runtime implements; llama3-style scaling comes as `rope_freqs.weight`.
 ROPE_SCALING_TYPES = ("none", "linear")
@@ -67,6 +71,13 @@ class HParams:
     swa_layers: tuple[bool, ...] | None = None  # {arch}.attention.sliding_window_pattern, per layer; None = absent
     rope_base_swa: float | None = None  # {arch}.rope.freq_base_swa (sliding-window layers); None = absent
     final_logit_softcap: float = 0.0  # {arch}.final_logit_softcapping: logits = c * tanh(logits / c); 0 = none
+    # Mixture of experts; n_expert 0 = a dense model.
+    n_expert: int = 0  # {arch}.expert_count
+    n_expert_used: int = 0  # {arch}.expert_used_count: experts each token is routed to (top-k)
+    n_ff_exp: int = 0  # {arch}.expert_feed_forward_length, default feed_forward_length
+    # LongRoPE (phi3): attention factor on cos/sin, and the context the short factors serve.
+    rope_attn_factor: float = 1.0  # {arch}.rope.scaling.attn_factor
+    n_ctx_orig: int = 0  # {arch}.rope.scaling.original_context_length; 0 = context_length
 
     @property
     def n_gqa(self) -> int:
@@ -82,6 +93,16 @@ class HParams:
     def n_rot_pairs(self) -> int:
         """Number of rotated (x, y) pairs per head."""
         return self.n_rot // 2
+
+    @property
+    def qkv_dim(self) -> int:
+        """Rows of a fused q/k/v projection."""
+        return self.q_dim + 2 * self.kv_dim
+
+    @property
+    def n_ff2(self) -> int:
+        """Rows of a fused gate/up projection."""
+        return 2 * self.n_ff
 
     @property
     def kv_dim(self) -> int:
@@ -110,6 +131,8 @@ class _Keys:
             if default is None:
                 raise self.fail(name, "missing (required hyperparameter)")
             return default
+        if isinstance(self.meta.raw(key)[1], (list, np.ndarray)):
+            raise self.fail(name, "per-layer values (an array) are not supported; one value for every layer is")
         value = int(self.meta.get_int(key))
         limit = LIMITS.get(name)
         if value < minimum or (limit is not None and value > limit):
@@ -139,10 +162,13 @@ def check_limits(meta: Any, arch: str, path: str = "<model>") -> None:
             k.int(name, minimum=MINIMUM.get(name, 1))
 
 
-def _vocab_size(meta: Any, keys: _Keys) -> int:
-    """n_vocab from {arch}.vocab_size, else the tokenizer's token list length."""
+def _vocab_size(meta: Any, keys: _Keys, hint: int | None = None) -> int:
+    """n_vocab from {arch}.vocab_size, else the tokenizer's token list length, else `hint` (rows of the
+    embedding, for a reader of the header alone)."""
     if keys.key("vocab_size") in meta:
         return keys.int("vocab_size")
+    if hint is not None and "tokenizer.ggml.tokens" not in meta:
+        return hint
     if "tokenizer.ggml.tokens" in meta:
         n = len(meta.get_array("tokenizer.ggml.tokens"))
         if not 1 <= n <= LIMITS["vocab_size"]:
@@ -197,9 +223,23 @@ def _head_dim(k: _Keys, n_embd: int, n_head: int) -> int:
     return head_dim
 
 
+def _experts(k: _Keys) -> tuple[int, int]:
+    """(expert_count, expert_used_count): both 0 for a dense model, else 1 <= used <= count."""
+    n_expert = k.int("expert_count", default=0, minimum=0)
+    n_used = k.int("expert_used_count", default=0, minimum=0)
+    if n_expert and not 1 <= n_used <= n_expert:
+        raise k.fail("expert_used_count", f"{n_used} must be in [1, expert_count {n_expert}]")
+    if n_used and not n_expert:
+        raise k.fail("expert_used_count", f"{n_used} experts used but no expert_count")
+    return n_expert, n_used
+
+
 def hparams_from_metadata(meta: Any, arch: str, path: str = "<model>",
-                          rope_scaling_types: tuple[str, ...] = ROPE_SCALING_TYPES) -> HParams:
-    """Read and validate the hyperparameters of architecture `arch`; raises ModelError naming the key."""
+                          rope_scaling_types: tuple[str, ...] = ROPE_SCALING_TYPES,
+                          n_vocab_hint: int | None = None) -> HParams:
+    """Read and validate the hyperparameters of architecture `arch`; raises ModelError naming the key.
+
+    n_vocab_hint: the vocabulary when the file names none (the planner passes the embedding's rows)."""
     k = _Keys(meta, arch, str(path))
     check_limits(meta, arch, path)
     n_embd = k.int("embedding_length")
@@ -212,17 +252,19 @@ def hparams_from_metadata(meta: Any, arch: str, path: str = "<model>",
     if n_rot > head_dim or n_rot % 2:
         raise k.fail("rope.dimension_count", f"{n_rot} must be even and <= the head size {head_dim}")
     n_layer = k.int("block_count")
+    n_ff = k.int("feed_forward_length")
+    n_expert, n_expert_used = _experts(k)
     return HParams(
         arch=arch,
         n_layer=n_layer,
         n_ctx_train=k.int("context_length"),
         n_embd=n_embd,
-        n_ff=k.int("feed_forward_length"),
+        n_ff=n_ff,
         n_head=n_head,
         n_head_kv=n_head_kv,
         head_dim=head_dim,
         n_rot=n_rot,
-        n_vocab=_vocab_size(meta, k),
+        n_vocab=_vocab_size(meta, k, n_vocab_hint),
         rms_eps=k.float("attention.layer_norm_rms_epsilon", 1e-5),
         rope_base=k.float("rope.freq_base", 10000.0),
         rope_freq_scale=_rope_freq_scale(k, rope_scaling_types),
@@ -230,4 +272,9 @@ def hparams_from_metadata(meta: Any, arch: str, path: str = "<model>",
         swa_layers=_swa_layers(k, n_layer),
         rope_base_swa=k.float("rope.freq_base_swa") if k.key("rope.freq_base_swa") in meta else None,
         final_logit_softcap=k.float("final_logit_softcapping", 0.0),
+        n_expert=n_expert,
+        n_expert_used=n_expert_used,
+        n_ff_exp=k.int("expert_feed_forward_length", default=n_ff) if n_expert else 0,
+        rope_attn_factor=k.float("rope.scaling.attn_factor", 1.0),
+        n_ctx_orig=k.int("rope.scaling.original_context_length", default=0, minimum=0),
     )

@@ -20,7 +20,8 @@ import numpy as np
 from qf.format.errors import FormatError
 from qf.format.ggml_types import GGMLType
 from qf.format.hparams import ROPE_SCALING_TYPES, HParams, ModelCheckError, hparams_from_metadata
-from qf.format.tensor_roles import EXCLUDED_BY_ARCH, GLOBAL_TENSORS, LAYER_TENSORS, REQUIRED_BY_ARCH
+from qf.format.arch import known_archs, model_arch
+from qf.format.tensor_roles import GLOBAL_ROLES, LAYER_ROLES, ROPE_FACTOR_ROLES, ModelArch, Role
 from qf.format.values import FLOAT_TYPES, INTEGER_TYPES, SCALAR, GGUFValueType
 
 MAX_TEMPLATE_CHARS = 1 << 20  # longest tokenizer.chat_template* accepted (a template is code; 1 Mi chars)
@@ -28,7 +29,7 @@ TEMPLATE_KEY = "tokenizer.chat_template"
 TOKENS_KEY = "tokenizer.ggml.tokens"
 ROPE_FREQS = "rope_freqs.weight"
 MAX_LISTED = 10  # names quoted in one message
-KNOWN_ARCHS = tuple(EXCLUDED_BY_ARCH)
+KNOWN_ARCHS = known_archs()
 
 Values = Callable[[str], np.ndarray]  # tensor name -> its values as f32 (small vectors only)
 
@@ -185,16 +186,34 @@ def _dims(hp: HParams, dims: tuple[str, ...]) -> tuple[int, ...]:
     return tuple(int(getattr(hp, d)) for d in dims)
 
 
-def expected_tensors(hp: HParams) -> dict[str, Expected]:
+def arch_of(hp: HParams, path: str) -> ModelArch:
+    """The ModelArch of the hyperparameters' architecture (which the reader has already accepted)."""
+    model = model_arch(hp.arch)
+    if model is None:
+        raise ModelCheckError(path, "general.architecture", f"{hp.arch!r} is not supported (supported: "
+                              f"{', '.join(KNOWN_ARCHS)})")
+    return model
+
+
+def layer_table(hp: HParams, path: str = "<model>") -> tuple[Mapping[str, Role], Mapping[str, Role]]:
+    """(global roles, roles of one block) the model reads; ModelCheckError when its expert form is unknown."""
+    model = arch_of(hp, path)
+    layer = model.layer_roles(hp.n_expert)
+    if layer is None:
+        key, why = ((f"{hp.arch}.expert_count", f"{hp.n_expert} experts: {hp.arch} has no mixture-of-experts form")
+                    if hp.n_expert else (f"{hp.arch}.expert_count", f"missing: {hp.arch} is a mixture of experts"))
+        raise ModelCheckError(path, key, why)
+    return model.globals, layer
+
+
+def expected_tensors(hp: HParams, path: str = "<model>") -> dict[str, Expected]:
     """Every tensor a model with these hyperparameters reads, by name, in file order."""
-    excluded = EXCLUDED_BY_ARCH.get(hp.arch, ())
-    need = REQUIRED_BY_ARCH.get(hp.arch, ())
+    globals_, layer = layer_table(hp, path)
     out: dict[str, Expected] = {}
-    groups = [(GLOBAL_TENSORS, {})] + [(LAYER_TENSORS, {"i": i}) for i in range(hp.n_layer)]
+    groups = [(globals_, {})] + [(layer, {"i": i}) for i in range(hp.n_layer)]
     for table, fmt in groups:
-        for role, (tmpl, dims, req) in table.items():
-            if role not in excluded:
-                out[tmpl.format(**fmt)] = Expected(_dims(hp, dims), dims, req or role in need)
+        for role in table.values():
+            out[role.template.format(**fmt)] = Expected(_dims(hp, role.dims), role.dims, role.required)
     return out
 
 
@@ -233,7 +252,7 @@ def check_tensors(hp: HParams, tensors: Mapping[str, TensorDecl], path: str,
                   decodable: Collection[GGMLType] | None = None, values: Values | None = None) -> None:
     """The tensor table against the hyperparameters: names, presence, shapes, storage types, rope factors."""
     path = str(path)
-    expected = expected_tensors(hp)
+    expected = expected_tensors(hp, path)
     _check_names(hp, tensors, expected, path)
     for name, t in tensors.items():
         e = expected[name]
@@ -243,8 +262,10 @@ def check_tensors(hp: HParams, tensors: Mapping[str, TensorDecl], path: str,
         if decodable is not None and t.type not in decodable:
             raise ModelCheckError(path, name, f"is stored as {GGMLType(t.type).name}, a type with no codec here "
                                   f"(supported: {', '.join(GGMLType(x).name for x in decodable)})", tensor=True)
-    if values is not None and ROPE_FREQS in tensors:
-        check_rope_freqs(values(ROPE_FREQS), path)
+    if values is not None:
+        for name in (GLOBAL_ROLES[r].template for r in ROPE_FACTOR_ROLES):
+            if name in tensors:
+                check_rope_freqs(values(name), path, name)
 
 
 # ---------------------------------------------------------------------------------------------- the rest
@@ -264,14 +285,36 @@ def check_metadata(meta: Any, hp: HParams, path: str) -> None:
                                   f"({hp.arch}.vocab_size / token_embd rows)")
 
 
-def architecture(meta: Any, path: str) -> str:
+def _vocabulary_suffixes() -> set[str]:
+    """Tensor names (blk.N. stripped) any supported architecture reads."""
+    return {r.template.replace("blk.{i}.", "") for r in (*LAYER_ROLES.values(), *GLOBAL_ROLES.values())}
+
+
+def _unread_suffixes(names: Iterable[str]) -> list[str]:
+    """Distinct tensor names of a file (blk.N. stripped) that no supported architecture reads."""
+    known = _vocabulary_suffixes()
+    out = {n.split(".", 2)[2] if n.startswith("blk.") and n.count(".") >= 2 else n for n in names}
+    return sorted(out - known)
+
+
+def unsupported_architecture(arch: str, path: str, tensor_names: Iterable[str] = ()) -> ModelCheckError:
+    """The refusal of an architecture: what is supported, and how this file differs (tensors no supported
+    architecture reads)."""
+    unread = _unread_suffixes(tensor_names)
+    how = f"; its file holds tensors no supported architecture reads: {_listed(unread)}" if unread else (
+        "; its tensors have names the supported architectures use, but its forward pass (norms, attention, "
+        "activations) is not implemented here")
+    return ModelCheckError(str(path), "general.architecture",
+                           f"{arch!r} is not supported (supported: {', '.join(KNOWN_ARCHS)}){how}")
+
+
+def architecture(meta: Any, path: str, tensor_names: Iterable[str] = ()) -> str:
     """general.architecture, which must be one this validator knows."""
     if "general.architecture" not in meta:
         raise ModelCheckError(str(path), "general.architecture", "missing")
     arch = str(meta.get_str("general.architecture"))
     if arch not in KNOWN_ARCHS:
-        raise ModelCheckError(str(path), "general.architecture",
-                              f"{arch!r} is not supported (supported: {', '.join(KNOWN_ARCHS)})")
+        raise unsupported_architecture(arch, path, tensor_names)
     return arch
 
 
@@ -280,7 +323,7 @@ def validate_model(meta: Any, tensors: Mapping[str, TensorDecl], path: str,
                    rope_scaling_types: tuple[str, ...] = ROPE_SCALING_TYPES) -> HParams:
     """Everything the runtime checks when it loads a file: hyperparameters, metadata, tensor table."""
     path = str(path)
-    hp = hparams_from_metadata(meta, architecture(meta, path), path, rope_scaling_types)
+    hp = hparams_from_metadata(meta, architecture(meta, path, tensors), path, rope_scaling_types)
     check_metadata(meta, hp, path)
     check_tensors(hp, tensors, path, decodable, values)
     return hp

@@ -1,54 +1,118 @@
-"""Which tensors a llama-family model file holds, per role and architecture (data only).
+"""Which tensors a model file holds: the role vocabulary (GGUF name template, shape from hyperparameters) and
+`ModelArch`, one architecture's table of roles (data only).
 
-Read by qf.format.model_check (the shared validator) and qf.runtime.weights (the loader).
+Each architecture declares its `ModelArch` in one module of qf.format.arch (discovered there); the shared
+validator (qf.format.model_check) and the runtime's loader (qf.runtime.weights) read the tables from it.
 """
 
 from __future__ import annotations
 
-# role -> (GGUF name template, expected ne as HParams attribute names (ne[0] innermost), required).
-LAYER_TENSORS: dict[str, tuple[str, tuple[str, ...], bool]] = {
-    "attn_norm": ("blk.{i}.attn_norm.weight", ("n_embd",), True),
-    "wq": ("blk.{i}.attn_q.weight", ("n_embd", "q_dim"), True),
-    "wk": ("blk.{i}.attn_k.weight", ("n_embd", "kv_dim"), True),
-    "wv": ("blk.{i}.attn_v.weight", ("n_embd", "kv_dim"), True),
-    "wo": ("blk.{i}.attn_output.weight", ("q_dim", "n_embd"), True),
-    "bq": ("blk.{i}.attn_q.bias", ("q_dim",), False),  # qwen2
-    "bk": ("blk.{i}.attn_k.bias", ("kv_dim",), False),
-    "bv": ("blk.{i}.attn_v.bias", ("kv_dim",), False),
-    "ffn_norm": ("blk.{i}.ffn_norm.weight", ("n_embd",), True),
-    "w_gate": ("blk.{i}.ffn_gate.weight", ("n_embd", "n_ff"), True),
-    "w_up": ("blk.{i}.ffn_up.weight", ("n_embd", "n_ff"), True),
-    "w_down": ("blk.{i}.ffn_down.weight", ("n_ff", "n_embd"), True),
-    "attn_q_norm": ("blk.{i}.attn_q_norm.weight", ("head_dim",), False),  # gemma3: per-head QK RMSNorm
-    "attn_k_norm": ("blk.{i}.attn_k_norm.weight", ("head_dim",), False),
-    "attn_post_norm": ("blk.{i}.post_attention_norm.weight", ("n_embd",), False),  # gemma3: sandwich norms
-    "ffn_post_norm": ("blk.{i}.post_ffw_norm.weight", ("n_embd",), False),
+from dataclasses import dataclass, field, replace
+from typing import Mapping
+
+
+@dataclass(frozen=True)
+class Role:
+    """One tensor of a model: GGUF name template ("{i}" is the layer), ne as HParams attribute names (ne[0]
+    innermost), and whether a file must hold it."""
+
+    template: str
+    dims: tuple[str, ...]
+    required: bool = True
+
+    def optional(self) -> "Role":
+        """The same tensor, absent allowed."""
+        return replace(self, required=False)
+
+    def shaped(self, *dims: str) -> "Role":
+        """The same name with another shape (e.g. phi3's fused gate+up under ffn_up)."""
+        return replace(self, dims=dims)
+
+
+# Role vocabulary: the names llama.cpp's gguf-py gives (MODEL_TENSOR -> TENSOR_NAMES).
+LAYER_ROLES: dict[str, Role] = {
+    "attn_norm": Role("blk.{i}.attn_norm.weight", ("n_embd",)),
+    "wq": Role("blk.{i}.attn_q.weight", ("n_embd", "q_dim")),
+    "wk": Role("blk.{i}.attn_k.weight", ("n_embd", "kv_dim")),
+    "wv": Role("blk.{i}.attn_v.weight", ("n_embd", "kv_dim")),
+    "wqkv": Role("blk.{i}.attn_qkv.weight", ("n_embd", "qkv_dim")),  # phi3: q, k, v rows stacked
+    "wo": Role("blk.{i}.attn_output.weight", ("q_dim", "n_embd")),
+    "bq": Role("blk.{i}.attn_q.bias", ("q_dim",)),
+    "bk": Role("blk.{i}.attn_k.bias", ("kv_dim",)),
+    "bv": Role("blk.{i}.attn_v.bias", ("kv_dim",)),
+    "attn_q_norm": Role("blk.{i}.attn_q_norm.weight", ("head_dim",)),  # per-head QK RMSNorm
+    "attn_k_norm": Role("blk.{i}.attn_k_norm.weight", ("head_dim",)),
+    "attn_post_norm": Role("blk.{i}.post_attention_norm.weight", ("n_embd",)),  # gemma3: sandwich norms
+    "ffn_norm": Role("blk.{i}.ffn_norm.weight", ("n_embd",)),
+    "w_gate": Role("blk.{i}.ffn_gate.weight", ("n_embd", "n_ff")),
+    "w_up": Role("blk.{i}.ffn_up.weight", ("n_embd", "n_ff")),
+    "w_down": Role("blk.{i}.ffn_down.weight", ("n_ff", "n_embd")),
+    "ffn_post_norm": Role("blk.{i}.post_ffw_norm.weight", ("n_embd",)),
+    # mixture of experts: the router and the experts' matrices stacked on a third axis
+    "w_gate_inp": Role("blk.{i}.ffn_gate_inp.weight", ("n_embd", "n_expert")),
+    "w_gate_exps": Role("blk.{i}.ffn_gate_exps.weight", ("n_embd", "n_ff_exp", "n_expert")),
+    "w_up_exps": Role("blk.{i}.ffn_up_exps.weight", ("n_embd", "n_ff_exp", "n_expert")),
+    "w_down_exps": Role("blk.{i}.ffn_down_exps.weight", ("n_ff_exp", "n_embd", "n_expert")),
 }
 
-GLOBAL_TENSORS: dict[str, tuple[str, tuple[str, ...], bool]] = {
-    "tok_embd": ("token_embd.weight", ("n_embd", "n_vocab"), True),
-    "output_norm": ("output_norm.weight", ("n_embd",), True),
-    "output": ("output.weight", ("n_embd", "n_vocab"), False),  # absent: tied to token_embd
-    "rope_freqs": ("rope_freqs.weight", ("n_rot_pairs",), False),  # llama3 rope scaling factors
+GLOBAL_ROLES: dict[str, Role] = {
+    "tok_embd": Role("token_embd.weight", ("n_embd", "n_vocab")),
+    "output_norm": Role("output_norm.weight", ("n_embd",)),
+    "output": Role("output.weight", ("n_embd", "n_vocab"), False),  # absent: tied to token_embd
+    "rope_freqs": Role("rope_freqs.weight", ("n_rot_pairs",), False),  # llama3 rope scaling factors
+    "rope_factors_long": Role("rope_factors_long.weight", ("n_rot_pairs",), False),  # phi3 LongRoPE
+    "rope_factors_short": Role("rope_factors_short.weight", ("n_rot_pairs",), False),
 }
 
-GEMMA_NORMS = ("attn_q_norm", "attn_k_norm", "attn_post_norm", "ffn_post_norm")
-QKV_BIASES = ("bq", "bk", "bv")
+EXPERT_ROLES = ("w_gate_exps", "w_up_exps", "w_down_exps")  # the large matrices --cpu-moe keeps on the CPU
+ROPE_FACTOR_ROLES = ("rope_freqs", "rope_factors_long", "rope_factors_short")  # per-frequency divisors > 0
 
-# Optional roles that an architecture requires (its forward pass reads them).
-REQUIRED_BY_ARCH: dict[str, tuple[str, ...]] = {
-    "gemma3": GEMMA_NORMS,
-}
 
-# Roles an architecture's forward pass never reads: a file holding them is refused (llama.cpp's
-# "wrong number of tensors"), not run with weights silently ignored. Keys: every architecture known here.
-EXCLUDED_BY_ARCH: dict[str, tuple[str, ...]] = {
-    "llama": GEMMA_NORMS,
-    "mistral": GEMMA_NORMS,
-    "qwen2": GEMMA_NORMS,
-    "gemma3": QKV_BIASES,
-}
+def roles(names: tuple[str, ...], optional: tuple[str, ...] = (), **shaped: tuple[str, ...]) -> dict[str, Role]:
+    """A table from the vocabulary: `names` required, `optional` may be absent, `shaped` overrides dims."""
+    out: dict[str, Role] = {}
+    for n in names + optional:
+        r = LAYER_ROLES.get(n) or GLOBAL_ROLES[n]
+        r = r.shaped(*shaped[n]) if n in shaped else r
+        out[n] = r.optional() if n in optional else replace(r, required=r.required or n in names)
+    return out
 
-# Roles read as f32 vectors (norms, biases, rope factors) rather than by the matrix kernels.
-VECTOR_ROLES = frozenset(r for table in (LAYER_TENSORS, GLOBAL_TENSORS) for r, (_, dims, _) in table.items()
-                         if len(dims) == 1)
+
+DENSE_FFN = ("w_gate", "w_up", "w_down")
+MOE_FFN = ("w_gate_inp",) + EXPERT_ROLES
+STD_GLOBALS = roles(("tok_embd", "output_norm"), ("output", "rope_freqs"))
+
+
+@dataclass(frozen=True)
+class ModelArch:
+    """One GGUF architecture (general.architecture) as its files hold it.
+
+    layer: the roles of a dense block; with `{arch}.expert_count` > 0 the `dense_ffn` roles are replaced by
+    `moe` (an architecture without `moe` refuses experts). shared_inputs: (the norm, the linears reading its
+    output) pairs, for algorithms that fold or scale a shared input (AWQ, residual rotation).
+    """
+
+    name: str
+    layer: Mapping[str, Role]
+    globals: Mapping[str, Role] = field(default_factory=lambda: STD_GLOBALS)
+    moe: Mapping[str, Role] | None = None
+    dense_ffn: tuple[str, ...] = DENSE_FFN
+    rope_neox: bool = False  # rotate (i, i + n_rot/2) pairs (llama.cpp LLAMA_ROPE_TYPE_NEOX)
+    expert_weights_norm: bool = True  # top-k router weights renormalised to sum 1
+    needs_experts: bool = False  # a file without {arch}.expert_count is not of this architecture
+    shared_inputs: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def layer_roles(self, n_expert: int) -> Mapping[str, Role] | None:
+        """The roles of one block; None when the file has experts and this architecture has no MoE form."""
+        if n_expert <= 0:
+            return None if self.needs_experts else self.layer
+        if self.moe is None:
+            return None
+        return {**{r: v for r, v in self.layer.items() if r not in self.dense_ffn}, **self.moe}
+
+    def all_roles(self) -> set[str]:
+        """Every role any form of this architecture reads."""
+        return set(self.globals) | set(self.layer) | set(self.moe or {})
+
+
+VECTOR_ROLES = frozenset(r for table in (LAYER_ROLES, GLOBAL_ROLES) for r, v in table.items() if len(v.dims) == 1)

@@ -28,6 +28,7 @@ from qf.convert.pipeline import (
 from qf.format.checksum import RESERVED_KEYS
 from qf.format.errors import ConvertError
 from qf.format.ggml_types import GGMLType, row_bytes
+from qf.format.hparams import hparams_from_metadata
 from qf.format.model_check import KNOWN_ARCHS, KVMetadata, TensorDecl, validate_model
 from qf.format.output_guard import refuse_input_as_output
 from qf.format.reader import GGUFFile, Metadata, open_gguf
@@ -101,15 +102,20 @@ def _first_int(meta: Metadata, key: str, default: int) -> int:
 
 
 def model_facts(f: GGUFFile) -> ModelFacts:
-    """Architecture, layers, GQA ratio, experts and tied embeddings of an open file."""
+    """Architecture, layers, GQA ratio, experts and tied embeddings of an open file: through the shared
+    validated reader (qf.format.hparams) for the architectures the runtime knows, else read leniently as
+    llama-quantize does (first element of per-layer arrays, defaults for missing keys)."""
     arch = f.meta.get_str("general.architecture", "llama")
+    tied = "output.weight" not in f.tensors
+    if arch in KNOWN_ARCHS:
+        hp = hparams_from_metadata(f.meta, arch, str(f.path))
+        return ModelFacts(arch=arch, n_layers=hp.n_layer, n_gqa=hp.n_gqa, n_expert=hp.n_expert, tied=tied,
+                          is_70b=arch == "llama" and hp.n_layer == 80 and hp.n_head != hp.n_head_kv)
     n_layers = max(1, _first_int(f.meta, f"{arch}.block_count", 1))
     n_head = _first_int(f.meta, f"{arch}.attention.head_count", 1)
     n_head_kv = _first_int(f.meta, f"{arch}.attention.head_count_kv", n_head) or n_head
     return ModelFacts(arch=arch, n_layers=n_layers, n_gqa=max(1, n_head // max(1, n_head_kv)),
-                      n_expert=_first_int(f.meta, f"{arch}.expert_count", 0),
-                      tied="output.weight" not in f.tensors,
-                      is_70b=arch == "llama" and n_layers == 80 and n_head != n_head_kv)
+                      n_expert=_first_int(f.meta, f"{arch}.expert_count", 0), tied=tied, is_70b=False)
 
 
 @dataclass

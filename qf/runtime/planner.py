@@ -44,17 +44,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
 
-import numpy as np
-
 from qf.format.errors import ModelError, PlanError
 from qf.format.ggml_types import block_size
-from qf.format.reader import GGUFFile, Metadata, TensorInfo, open_gguf
-from qf.format.values import INTEGER_TYPES, GGUFValueType
+from qf.format.hparams import hparams_from_metadata
+from qf.format.model_check import architecture
+from qf.format.reader import GGUFFile, TensorInfo, open_gguf
 from qf.runtime.devices import Device, cuda_devices, free_ram
 from qf.runtime.kv_cache import DEFAULT_KV_TYPE, KV_TYPES, KVSpec
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-MAX_LAYERS = 512  # llama.cpp's LLAMA_MAX_LAYERS
 DEFAULT_N_BATCH = 512  # llama.cpp's default micro-batch (n_ubatch)
 DEFAULT_N_CTX = 4096  # when neither the caller nor the file gives a context length
 DEFAULT_MARGIN_BYTES = 512 * MiB
@@ -69,6 +67,7 @@ SIZE_UNITS: dict[str, int] = {
 }
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?(?:e[+-]?\d+)?|\.\d+(?:e[+-]?\d+)?)\s*([kmgt]i?)?b?\s*$", re.I)
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.")
+_EXPERT_RE = re.compile(r"\.ffn_(gate|up|down)_exps\.")  # llama.cpp's expert tensors (EXPERT_ROLES)
 
 CPU = -1  # device index of the host in a unit assignment
 
@@ -173,6 +172,9 @@ class ModelSizes:
     tied: bool  # no output.weight: the head reuses token_embd
     other: TensorGroup = TensorGroup()  # any other non-layer tensor (rope_freqs...): on every device used
     n_ctx_train: int = 0
+    experts: tuple[TensorGroup, ...] = ()  # per layer, its ffn_*_exps tensors (empty: a dense model)
+    n_ff_exp: int = 0  # rows of one expert's gate / up
+    n_expert_used: int = 0  # experts each token runs
 
     @property
     def n_layer(self) -> int:
@@ -187,7 +189,8 @@ class ModelSizes:
     @property
     def file_bytes(self) -> int:
         """Bytes of all tensors in the file (token_embd once)."""
-        return sum(g.nbytes for g in self.layers) + self.token_embd.nbytes + self.output.nbytes + self.other.nbytes
+        return (sum(g.nbytes for g in self.layers) + sum(g.nbytes for g in self.experts) + self.token_embd.nbytes
+                + self.output.nbytes + self.other.nbytes)
 
 
 def _tensor_group(ti: TensorInfo) -> TensorGroup:
@@ -196,59 +199,32 @@ def _tensor_group(ti: TensorInfo) -> TensorGroup:
     return TensorGroup(int(ti.nbytes), elems if block_size(ti.type) > 1 else 0)
 
 
-def _hparam(meta: Metadata, key: str, path: str, default: int | None = None) -> int:
-    """An integer hyperparameter; a per-layer array gives its maximum (conservative for memory)."""
-    if key not in meta:
-        if default is None:
-            raise ModelError(f"{path}: missing hyperparameter {key!r}")
-        return default
-    vtype, _ = meta.raw(key)
-    if vtype == GGUFValueType.ARRAY:
-        values = meta.get_array(key, elem=INTEGER_TYPES)  # FormatError for any other element type
-        if len(values) == 0:
-            raise ModelError(f"{path}: hyperparameter {key!r} is an empty array")
-        return int(np.max(values))
-    return int(meta.get_int(key))
+def _read_hparams(f: GGUFFile, path: str, n_vocab: int) -> dict[str, int | str]:
+    """The hyperparameters the planner uses, read by the shared validated reader (qf.format.hparams) that the
+    runtime loads with; n_vocab (the head's rows) stands in when the file names no vocabulary."""
+    arch = architecture(f.meta, path, f.tensors)
+    hp = hparams_from_metadata(f.meta, arch, path, n_vocab_hint=n_vocab)
+    return dict(arch=arch, n_layer=hp.n_layer, n_embd=hp.n_embd, n_head=hp.n_head, n_head_kv=hp.n_head_kv,
+                head_dim_k=hp.head_dim, head_dim_v=hp.head_dim, n_ff=hp.n_ff, n_ctx_train=hp.n_ctx_train,
+                n_vocab=hp.n_vocab, n_ff_exp=hp.n_ff_exp, n_expert_used=hp.n_expert_used)
 
 
-def _check(cond: bool, path: str, key: str, what: str) -> None:
-    """Raise ModelError naming the key when a hyperparameter is out of range."""
-    if not cond:
-        raise ModelError(f"{path}: hyperparameter {key!r} {what}")
-
-
-def _read_hparams(meta: Metadata, path: str) -> dict[str, int | str]:
-    """Validated hyperparameters the planner uses, from {arch}.* keys."""
-    arch = meta.get_str("general.architecture")
-    p = f"{arch}."
-    n_layer = _hparam(meta, p + "block_count", path)
-    _check(0 < n_layer <= MAX_LAYERS, path, p + "block_count", f"= {n_layer} must be in 1..{MAX_LAYERS}")
-    n_embd = _hparam(meta, p + "embedding_length", path)
-    _check(n_embd > 0, path, p + "embedding_length", "must be > 0")
-    n_head = _hparam(meta, p + "attention.head_count", path)
-    _check(n_head > 0, path, p + "attention.head_count", "must be > 0")
-    n_head_kv = _hparam(meta, p + "attention.head_count_kv", path, n_head)
-    _check(0 < n_head_kv <= n_head and n_head % n_head_kv == 0, path, p + "attention.head_count_kv",
-           f"= {n_head_kv} must divide head_count = {n_head}")
-    if p + "attention.key_length" not in meta:
-        _check(n_embd % n_head == 0, path, p + "embedding_length", f"= {n_embd} is not divisible by "
-               f"head_count = {n_head} (and no attention.key_length is given)")
-    hd_k = _hparam(meta, p + "attention.key_length", path, n_embd // n_head)
-    hd_v = _hparam(meta, p + "attention.value_length", path, hd_k)
-    _check(hd_k > 0 and hd_v > 0, path, p + "attention.key_length/value_length", "must be > 0")
-    n_ff = _hparam(meta, p + "feed_forward_length", path)
-    _check(n_ff >= 0, path, p + "feed_forward_length", "must be >= 0")
-    n_ctx_train = _hparam(meta, p + "context_length", path, 0)
-    return dict(arch=arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
-                head_dim_k=hd_k, head_dim_v=hd_v, n_ff=n_ff, n_ctx_train=n_ctx_train)
+def _head_rows(f: GGUFFile, where: str) -> int:
+    """Rows of the output head (token_embd when tied): the vocabulary."""
+    if "token_embd.weight" not in f.tensors:
+        raise ModelError(f"{where}: missing tensor 'token_embd.weight'")
+    head = f.tensors.get("output.weight") or f.tensors["token_embd.weight"]
+    return int(head.ne[1]) if len(head.ne) > 1 else int(head.ne[0])
 
 
 def sizes_from_gguf(f: GGUFFile, path: str | os.PathLike | None = None) -> ModelSizes:
-    """ModelSizes from an open GGUF header (metadata and tensor infos only; tensor data is not touched)."""
+    """ModelSizes from an open GGUF header (metadata and tensor infos only; tensor data is not touched).
+    Expert tensors (ffn_*_exps) are counted apart from the rest of their layer."""
     where = os.fspath(path) if path is not None else "<gguf>"
-    hp = _read_hparams(f.meta, where)
+    hp = _read_hparams(f, where, _head_rows(f, where))
     n_layer = int(hp.pop("n_layer"))
     layers = [TensorGroup()] * n_layer
+    experts = [TensorGroup()] * n_layer
     token_embd = output = other = TensorGroup()
     for name, ti in f.tensors.items():
         g = _tensor_group(ti)
@@ -257,7 +233,10 @@ def sizes_from_gguf(f: GGUFFile, path: str | os.PathLike | None = None) -> Model
             il = int(m[1])
             if il >= n_layer:
                 raise ModelError(f"{where}: tensor {name!r} has layer {il} but {hp['arch']}.block_count is {n_layer}")
-            layers[il] = layers[il] + g
+            if _EXPERT_RE.search(name):
+                experts[il] = experts[il] + g
+            else:
+                layers[il] = layers[il] + g
         elif name.startswith("token_embd"):
             token_embd = token_embd + g
         elif name.startswith("output"):
@@ -265,14 +244,11 @@ def sizes_from_gguf(f: GGUFFile, path: str | os.PathLike | None = None) -> Model
         else:
             other = other + g
     for il, g in enumerate(layers):
-        if g.nbytes == 0:
+        if g.nbytes == 0 and experts[il].nbytes == 0:
             raise ModelError(f"{where}: layer {il} has no tensors (missing blk.{il}.*)")
-    if "token_embd.weight" not in f.tensors:
-        raise ModelError(f"{where}: missing tensor 'token_embd.weight'")
-    head = f.tensors.get("output.weight") or f.tensors["token_embd.weight"]
-    n_vocab = int(head.ne[1]) if len(head.ne) > 1 else int(head.ne[0])
     return ModelSizes(layers=tuple(layers), token_embd=token_embd, output=output, other=other,
-                      tied="output.weight" not in f.tensors, n_vocab=n_vocab, **hp)
+                      tied="output.weight" not in f.tensors,
+                      experts=tuple(experts) if any(g.nbytes for g in experts) else (), **hp)
 
 
 # -------------------------------------------------------------------------------------- memory formulas

@@ -1,21 +1,21 @@
-"""Tensor lookup for llama-family models: names per role (qf.format.tensor_roles), validated by the shared
+"""Tensor lookup: every role of the file's architecture (qf.format.arch tables), validated by the shared
 qf.format.model_check before any tensor is handed out."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 import numpy as np
 
 from qf.format.ggml_types import GGMLType
-from qf.format.model_check import TensorDecl, check_metadata, check_tensors, squeeze_ne
-from qf.format.tensor_roles import GLOBAL_TENSORS, LAYER_TENSORS, REQUIRED_BY_ARCH
+from qf.format.model_check import TensorDecl, check_metadata, check_tensors, layer_table, squeeze_ne
+from qf.format.tensor_roles import GLOBAL_ROLES, LAYER_ROLES, Role
 from qf.quant.codecs import registered_types
 from qf.runtime.hparams import HParams
 
-__all__ = ["GLOBAL_TENSORS", "LAYER_TENSORS", "REQUIRED_BY_ARCH", "LayerTensors", "ModelTensors", "TensorRef",
-           "load_tensors"]
+__all__ = ["GLOBAL_ROLES", "LAYER_ROLES", "LayerTensors", "ModelTensors", "TensorRef", "load_tensors",
+           "row_slices"]
 
 
 @dataclass(frozen=True)
@@ -38,37 +38,42 @@ class TensorRef:
         return self.data.shape[0]
 
 
-@dataclass(frozen=True)
-class LayerTensors:
-    """The tensors of one transformer block (biases are None when the model has none)."""
+def row_slices(t: TensorRef, sizes: tuple[int, ...], label: str = "part") -> list[TensorRef]:
+    """Consecutive row blocks of a matrix (or of the matrices stacked in a 3-D tensor) as zero-copy 2-D
+    TensorRefs: phi3's fused q/k/v and gate/up, or one expert of ffn_*_exps."""
+    out, start = [], 0
+    for k, n in enumerate(sizes):
+        out.append(TensorRef(f"{t.name}[{label} {k}]", t.type, (t.ne[0], n), t.data[start:start + n]))
+        start += n
+    return out
 
-    attn_norm: TensorRef  # [n_embd]
-    wq: TensorRef  # [q_dim, n_embd]
-    wk: TensorRef  # [kv_dim, n_embd]
-    wv: TensorRef  # [kv_dim, n_embd]
-    wo: TensorRef  # [n_embd, q_dim]
-    bq: TensorRef | None  # [q_dim]
-    bk: TensorRef | None  # [kv_dim]
-    bv: TensorRef | None  # [kv_dim]
-    ffn_norm: TensorRef  # [n_embd]
-    w_gate: TensorRef  # [n_ff, n_embd]
-    w_up: TensorRef  # [n_ff, n_embd]
-    w_down: TensorRef  # [n_embd, n_ff]
-    attn_q_norm: TensorRef | None = None  # [head_dim]
-    attn_k_norm: TensorRef | None = None  # [head_dim]
-    attn_post_norm: TensorRef | None = None  # [n_embd]
-    ffn_post_norm: TensorRef | None = None  # [n_embd]
+
+class LayerTensors:
+    """The tensors of one block by role (qf.format.tensor_roles.LAYER_ROLES): every role of the vocabulary is
+    an attribute, None when the file's architecture has no such tensor."""
+
+    def __init__(self, **tensors: TensorRef | None) -> None:
+        unknown = set(tensors) - set(LAYER_ROLES)
+        if unknown:
+            raise TypeError(f"unknown layer roles: {sorted(unknown)}")
+        for role in LAYER_ROLES:
+            setattr(self, role, tensors.get(role))
+
+    def roles(self) -> dict[str, TensorRef]:
+        """The roles present."""
+        return {r: getattr(self, r) for r in LAYER_ROLES if getattr(self, r) is not None}
 
 
 @dataclass(frozen=True)
 class ModelTensors:
-    """All tensors a llama-family forward pass reads."""
+    """All tensors a forward pass reads."""
 
     tok_embd: TensorRef  # [n_vocab, n_embd]
     output_norm: TensorRef  # [n_embd]
     output: TensorRef  # [n_vocab, n_embd]; token_embd itself when tied
     rope_freqs: TensorRef | None  # [n_rot / 2]
     layers: list[LayerTensors]
+    extra: Mapping[str, TensorRef] = field(default_factory=dict)  # other global roles present (rope factors)
 
 
 def _lookup(f: Any, name: str, dims: tuple[str, ...]) -> TensorRef | None:
@@ -79,9 +84,9 @@ def _lookup(f: Any, name: str, dims: tuple[str, ...]) -> TensorRef | None:
     return TensorRef(name=name, type=GGMLType(int(info.type)), ne=squeeze_ne(info.ne, len(dims)), data=f.raw(name))
 
 
-def _group(f: Any, table: dict, **fmt: int) -> dict[str, TensorRef | None]:
+def _group(f: Any, table: Mapping[str, Role], **fmt: int) -> dict[str, TensorRef | None]:
     """Look up every role of a table, filling `{i}` in the names."""
-    return {role: _lookup(f, tmpl.format(**fmt), dims) for role, (tmpl, dims, _) in table.items()}
+    return {role: _lookup(f, r.template.format(**fmt), r.dims) for role, r in table.items()}
 
 
 def load_tensors(f: Any, hp: HParams, path: str = "<model>") -> ModelTensors:
@@ -90,12 +95,17 @@ def load_tensors(f: Any, hp: HParams, path: str = "<model>") -> ModelTensors:
     table = {n: TensorDecl(tuple(int(x) for x in ti.ne), GGMLType(int(ti.type))) for n, ti in f.tensors.items()}
     check_metadata(f.meta, hp, path)
     check_tensors(hp, table, path, registered_types(), f.dequantize)
-    g = _group(f, GLOBAL_TENSORS)
-    layers = [LayerTensors(**_group(f, LAYER_TENSORS, i=i)) for i in range(hp.n_layer)]
+    globals_, layer = layer_table(hp, path)
+    g = _group(f, {**globals_, **{r: GLOBAL_ROLES[r] for r in ("output", "rope_freqs")}})
+    layers = [LayerTensors(**_group(f, layer, i=i)) for i in range(hp.n_layer)]
+    extra = {r: t for r, t in g.items() if t is not None and r not in ("tok_embd", "output_norm", "output",
+                                                                          "rope_freqs")}
     return ModelTensors(
         tok_embd=g["tok_embd"],
         output_norm=g["output_norm"],
         output=g["output"] or g["tok_embd"],
         rope_freqs=g["rope_freqs"],
         layers=layers,
+        extra=extra,
     )
+

@@ -1,4 +1,8 @@
-"""Llama family (Llama 2/3, SmolLM, TinyLlama, Mistral, Qwen2): name maps and hyperparameters as data."""
+"""Llama family (Llama 2/3, SmolLM, TinyLlama, Mistral, Mixtral, Qwen2): name maps and hyperparameters as data.
+
+Mixtral converts to the llama GGUF arch with experts, as llama.cpp does: llama.expert_count /
+expert_used_count, the router as ffn_gate_inp and each layer's experts stacked into ffn_{gate,up,down}_exps
+(w1 = gate, w3 = up, w2 = down); Q/K permuted as llama's."""
 
 from __future__ import annotations
 
@@ -209,6 +213,29 @@ def _no_tensors(cfg: dict[str, Any], path: Path) -> dict[str, np.ndarray]:
     return {}
 
 
+MIXTRAL_MAP: dict[str, str] = {
+    **{k: v for k, v in TENSOR_MAP.items() if ".mlp." not in k and "_proj.bias" not in k},
+    "model.layers.{bid}.block_sparse_moe.gate.weight": "blk.{bid}.ffn_gate_inp.weight",
+    "model.layers.{bid}.block_sparse_moe.experts.{xid}.w1.weight": "blk.{bid}.ffn_gate_exps.weight",
+    "model.layers.{bid}.block_sparse_moe.experts.{xid}.w3.weight": "blk.{bid}.ffn_up_exps.weight",
+    "model.layers.{bid}.block_sparse_moe.experts.{xid}.w2.weight": "blk.{bid}.ffn_down_exps.weight",
+}
+MOE_TENSORS = ("blk.{bid}.ffn_gate_inp.weight", "blk.{bid}.ffn_gate_exps.weight", "blk.{bid}.ffn_up_exps.weight",
+               "blk.{bid}.ffn_down_exps.weight")
+MIXTRAL_REQUIRED = tuple(t for t in REQUIRED_TENSORS if ".ffn_" not in t or "ffn_norm" in t) + MOE_TENSORS
+EXPERT_HPARAMS = (
+    HParam("expert_count", ("num_local_experts", "num_experts"), V.UINT32),
+    HParam("expert_used_count", ("num_experts_per_tok",), V.UINT32),
+)
+
+
+def _mixtral_export(meta: dict[str, Any], names: set[str]) -> dict[str, Any]:
+    """Mixtral's config entries: the llama ones, and the expert counts under Mixtral's names."""
+    out = _export_config("llama", {"hidden_act": "silu", "router_jitter_noise": 0.0}, {})(meta, names)
+    return out | {"num_local_experts": int(meta["llama.expert_count"]),
+                  "num_experts_per_tok": int(meta["llama.expert_used_count"])}
+
+
 # Mistral converts to the llama GGUF arch (as llama.cpp does); Qwen2 keeps HF's rotate-half layout (NEOX RoPE)
 # and always has q/k/v biases.
 SPECS: tuple[ArchSpec, ...] = (
@@ -216,4 +243,8 @@ SPECS: tuple[ArchSpec, ...] = (
           {"hidden_act": "silu", "mlp_bias": False}, {"attention_bias": "attn_q.bias"}),
     _spec("qwen2", ("Qwen2ForCausalLM",), "qwen2", {}, _no_tensors,
           {"hidden_act": "silu", "use_sliding_window": False}, {}),
+    ArchSpec(gguf_arch="llama", hf_architectures=("MixtralForCausalLM",), hf_model_type="mixtral",
+             tensor_map=MIXTRAL_MAP, hparams=HPARAMS + EXPERT_HPARAMS, required_tensors=MIXTRAL_REQUIRED,
+             permute=LLAMA_PERMUTE, ignore=IGNORE, extra_kv=extra_kv("llama"), extra_tensors=_extra_tensors,
+             export_config=_mixtral_export),
 )
