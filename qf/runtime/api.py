@@ -17,7 +17,7 @@ from qf.runtime.arch import all_forwards
 from qf.runtime.backend import CpuBackend
 from qf.runtime.devices import gpu_may_exist
 from qf.runtime.placement import Placement, build_forward, placement_from_plan, uniform_placement
-from qf.runtime.planner import Plan, plan_from_file
+from qf.runtime.planner import Plan, TensorOverride, moe_overrides, parse_overrides, plan_from_file
 from qf.runtime.chat import ChatTemplate, chat_template_from_metadata
 from qf.runtime.generate import Engine, FinishReason, Generation, GenerationStats, LogitsConstraint
 from qf.runtime.hparams import HParams, hparams_from_metadata
@@ -57,15 +57,15 @@ def _tokenizer(meta: Any, hp: HParams, path: str) -> Tokenizer:
 
 def _placement(path: str, n_ctx: int, n_batch: int, n_layer: int, cpu: CpuBackend,
                gpu_layers: int | str | None, vram: Any, tensor_split: Any,
-               kv: KVSpec | None = None, torch_options: Mapping[str, Any] | None = None
-               ) -> tuple[Placement, Plan | None]:
+               kv: KVSpec | None = None, torch_options: Mapping[str, Any] | None = None,
+               overrides: Sequence[TensorOverride] = ()) -> tuple[Placement, Plan | None]:
     """Where each layer runs: all on the CPU backend (gpu_layers 0), else as the planner places them."""
     if gpu_layers is None:
         gpu_layers = "auto" if gpu_may_exist() else 0
     if gpu_layers == 0:
         return uniform_placement(n_layer, cpu), None
     plan = plan_from_file(path, n_ctx, gpu_layers, vram=vram, n_batch=n_batch, tensor_split=tensor_split,
-                          kv_spec=kv)
+                          kv_spec=kv, overrides=overrides)
     opts = dict(torch_options or {})
     stand_in = bool(opts.get("device_map"))
     if plan.hypothetical and plan.n_gpu_layers and not stand_in:
@@ -109,7 +109,8 @@ class Model:
              vram: str | int | None = None, tensor_split: str | None = None,
              cpu_backend: CpuBackend | None = None, n_seq: int = 1, type_k: str = DEFAULT_KV_TYPE,
              type_v: str = DEFAULT_KV_TYPE, allow_context_extension: bool = False,
-             torch_options: Mapping[str, Any] | None = None) -> "Model":
+             torch_options: Mapping[str, Any] | None = None, cpu_moe: bool = False, n_cpu_moe: int = 0,
+             override_tensor: str | Sequence[str] | None = None) -> "Model":
         """Open a .qf/.gguf file by mmap, validate it, and prepare a KV cache of n_seq slots of n_ctx positions.
 
         gpu_layers: 0 runs on the CPU; N puts the last N layers on the GPU(s) (llama.cpp's -ngl); "auto"
@@ -124,6 +125,9 @@ class Model:
         n_ctx beyond the model's trained context is refused unless allow_context_extension (then a warning).
         torch_options go to each GPU's TorchBackend: weight_dtype, kernels ("auto" | "triton" | "torch"),
         tile_elems, compile, and device_map (plan device -> torch device, e.g. {"cuda:0": "cpu"} in tests).
+        cpu_moe / n_cpu_moe N / override_tensor "REGEX=DEVICE" (llama.cpp's --cpu-moe, --n-cpu-moe, -ot): keep
+        the expert tensors of every / the first N / the matching layers on that device when the planner places
+        layers (gpu_layers != 0); the memory breakdown counts them there.
 
         warmup (as llama.cpp does) runs a 2-token batch and a 1-token step once, so that loading the
         compiled kernels and the first page-in of the weights count as load time, not as prompt time.
@@ -140,8 +144,9 @@ class Model:
             ctx = _context_size(n_ctx, hp, allow_context_extension)
             kv = KVSpec(n_seq, ctx, hp.n_head_kv, hp.head_dim, hp.head_dim, type_k, type_v)
             cpu = cpu_backend or CpuBackend(n_threads or default_threads())
+            overrides = moe_overrides(cpu_moe, n_cpu_moe) + parse_overrides(override_tensor)
             placement, plan = _placement(path, ctx, n_batch, hp.n_layer, cpu, gpu_layers, vram, tensor_split, kv,
-                                         torch_options)
+                                         torch_options, overrides)
             _check_host_memory(kv, sum(be is cpu for be in placement.layers))
             forward = build_forward(forward_cls, hp, spec, load_tensors(f, hp, path), placement, ctx)
             template = chat_template_from_metadata(f.meta, *_bos_eos_text(tokenizer))

@@ -1,6 +1,8 @@
 """Per-layer backends from a planner `Plan`: one backend per device the plan names, shared by its layers.
 
-The CPU keeps its layers on the numba backend (weights in the mmap); each GPU gets one `TorchBackend`.
+The CPU keeps its layers on the numba backend (weights in the mmap); each GPU gets one `TorchBackend`. A mixture
+of experts may keep a layer's expert matrices on another device than the layer (`--cpu-moe`): the forward
+hands that layer's normed hidden state to the experts' backend and their sum back.
 Because the layers of one device share one backend object, the forward pass hands the hidden state across
 (`to_host` / `from_host`) only where consecutive units sit on different devices: embedding -> first layer,
 between layer ranges, last layer -> output head. torch is imported only when the plan uses a GPU.
@@ -35,6 +37,7 @@ class Placement:
     embed: Backend  # token_embd lookup
     head: Backend  # output_norm + output
     devices: Mapping[str, Backend] = field(default_factory=dict)  # plan device name -> its backend
+    experts: tuple[Backend, ...] | None = None  # experts[i]: backend of blk.i's ffn_*_exps (None: the layer's)
 
     @property
     def units(self) -> tuple[Backend, ...]:
@@ -67,11 +70,12 @@ def placement_from_plan(plan: Plan, *, device_map: Mapping[str, str] | None = No
                         cpu: Backend | None = None, **torch_options: Any) -> Placement:
     """One backend per device of the plan; `cpu` reuses a host backend; torch_options go to TorchBackend."""
     devices: dict[str, Backend] = {} if cpu is None else {HOST: cpu}
-    for name in dict.fromkeys((plan.embd_device, *plan.layer_devices, plan.output_device)):
+    for name in dict.fromkeys((plan.embd_device, *plan.layer_devices, plan.output_device, *plan.expert_devices)):
         if name not in devices:
             devices[name] = make_backend(name, device_map=device_map, n_threads=n_threads, **torch_options)
+    experts = tuple(devices[d] for d in plan.expert_devices) if plan.expert_devices else None
     return Placement(layers=tuple(devices[d] for d in plan.layer_devices), embed=devices[plan.embd_device],
-                     head=devices[plan.output_device], devices=devices)
+                     head=devices[plan.output_device], devices=devices, experts=experts)
 
 
 def uniform_placement(n_layer: int, backend: Backend) -> Placement:
@@ -85,5 +89,6 @@ def build_forward(forward_cls: Callable[..., Any], hp: Any, spec: Any, tensors: 
     n_ctx bounds the positions (RoPE tables); caches come from `forward.new_cache(...)`."""
     if len(placement.layers) != hp.n_layer:
         raise ModelError(f"the placement covers {len(placement.layers)} layers but the model has {hp.n_layer}")
+    extra = {} if placement.experts is None else {"experts_be": list(placement.experts)}
     return forward_cls(hp, spec, tensors, list(placement.layers), n_ctx, embed_be=placement.embed,
-                       head_be=placement.head)
+                       head_be=placement.head, **extra)

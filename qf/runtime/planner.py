@@ -175,6 +175,8 @@ class ModelSizes:
     experts: tuple[TensorGroup, ...] = ()  # per layer, its ffn_*_exps tensors (empty: a dense model)
     n_ff_exp: int = 0  # rows of one expert's gate / up
     n_expert_used: int = 0  # experts each token runs
+    expert_names: tuple[tuple[str, ...], ...] = ()  # per layer, the names of its expert tensors
+    names: tuple[str, ...] = ()  # every tensor of the file (for --override-tensor)
 
     @property
     def n_layer(self) -> int:
@@ -225,6 +227,7 @@ def sizes_from_gguf(f: GGUFFile, path: str | os.PathLike | None = None) -> Model
     n_layer = int(hp.pop("n_layer"))
     layers = [TensorGroup()] * n_layer
     experts = [TensorGroup()] * n_layer
+    expert_names: list[list[str]] = [[] for _ in range(n_layer)]
     token_embd = output = other = TensorGroup()
     for name, ti in f.tensors.items():
         g = _tensor_group(ti)
@@ -235,6 +238,7 @@ def sizes_from_gguf(f: GGUFFile, path: str | os.PathLike | None = None) -> Model
                 raise ModelError(f"{where}: tensor {name!r} has layer {il} but {hp['arch']}.block_count is {n_layer}")
             if _EXPERT_RE.search(name):
                 experts[il] = experts[il] + g
+                expert_names[il].append(name)
             else:
                 layers[il] = layers[il] + g
         elif name.startswith("token_embd"):
@@ -248,7 +252,81 @@ def sizes_from_gguf(f: GGUFFile, path: str | os.PathLike | None = None) -> Model
             raise ModelError(f"{where}: layer {il} has no tensors (missing blk.{il}.*)")
     return ModelSizes(layers=tuple(layers), token_embd=token_embd, output=output, other=other,
                       tied="output.weight" not in f.tensors,
-                      experts=tuple(experts) if any(g.nbytes for g in experts) else (), **hp)
+                      experts=tuple(experts) if any(g.nbytes for g in experts) else (),
+                      expert_names=tuple(tuple(n) for n in expert_names), names=tuple(f.tensors), **hp)
+
+
+# ------------------------------------------------------------------------------------ tensor overrides
+
+EXPERT_PATTERN = r"\.ffn_(up|down|gate)_exps"  # llama.cpp's --cpu-moe / --n-cpu-moe pattern
+_DEVICE_RE = re.compile(r"^(cpu|cuda:?(\d+))$", re.I)
+
+
+@dataclass(frozen=True)
+class TensorOverride:
+    """`REGEX=DEVICE` (llama.cpp's --override-tensor): tensors whose name the regex searches go to DEVICE."""
+
+    pattern: re.Pattern[str]
+    device: str  # "cpu" or "cuda:N"
+
+
+def parse_device(text: str) -> str:
+    """'CPU' / 'cpu' -> 'cpu'; 'CUDA0' / 'cuda:0' -> 'cuda:0'."""
+    m = _DEVICE_RE.match(text.strip())
+    if m is None:
+        raise PlanError(f"unknown device {text!r} in a tensor override; use CPU, CUDA0 or cuda:0")
+    return "cpu" if m[2] is None else f"cuda:{int(m[2])}"
+
+
+def parse_overrides(specs: str | Sequence[str] | None) -> tuple[TensorOverride, ...]:
+    """`REGEX=DEVICE` items (several per string, comma-separated, as llama.cpp's -ot takes them)."""
+    if not specs:
+        return ()
+    out = []
+    for spec in [specs] if isinstance(specs, str) else specs:
+        for item in str(spec).split(","):
+            regex, sep, device = item.rpartition("=")
+            if not sep or not regex:
+                raise PlanError(f"tensor override {item!r}: expected REGEX=DEVICE, e.g. exps=CPU")
+            try:
+                out.append(TensorOverride(re.compile(regex), parse_device(device)))
+            except re.error as e:
+                raise PlanError(f"tensor override {item!r}: bad regex: {e}") from None
+    return tuple(out)
+
+
+def moe_overrides(cpu_moe: bool = False, n_cpu_moe: int = 0) -> tuple[TensorOverride, ...]:
+    """--cpu-moe (every layer's experts on the CPU) and --n-cpu-moe N (the first N layers'), as llama.cpp
+    builds them."""
+    if not isinstance(n_cpu_moe, int) or isinstance(n_cpu_moe, bool) or n_cpu_moe < 0:
+        raise PlanError(f"n_cpu_moe must be an integer >= 0, got {n_cpu_moe!r}")
+    out = [TensorOverride(re.compile(EXPERT_PATTERN), "cpu")] if cpu_moe else []
+    out += [TensorOverride(re.compile(rf"blk\.{i}{EXPERT_PATTERN}"), "cpu") for i in range(n_cpu_moe)]
+    return tuple(out)
+
+
+def _override_of(name: str, overrides: Sequence[TensorOverride]) -> str | None:
+    """The device of the first override whose regex finds the name (llama.cpp's order), or None."""
+    return next((o.device for o in overrides if o.pattern.search(name)), None)
+
+
+def expert_units(s: ModelSizes, overrides: Sequence[TensorOverride]) -> tuple[str | None, ...]:
+    """Per layer: the device its experts are overridden to (None: with their layer). Only expert tensors can
+    be placed apart from their layer (the forward runs them on their own backend); all three of a layer go
+    together."""
+    expert = {n for names in s.expert_names for n in names}
+    others = [n for n in s.names if n not in expert and _override_of(n, overrides) is not None]
+    if others:
+        raise PlanError(f"tensor override matches {others[0]!r}: only expert tensors (ffn_*_exps) can be placed "
+                        "apart from their layer here; place layers with gpu_layers / -ngl")
+    out = []
+    for il, names in enumerate(s.expert_names or ((),) * s.n_layer):
+        devices = {_override_of(n, overrides) for n in names}
+        if len(devices) > 1:
+            raise PlanError(f"tensor overrides split the experts of layer {il} ({', '.join(names)}) over "
+                            f"{sorted(map(str, devices))}: place a layer's three expert tensors together")
+        out.append(devices.pop() if devices else None)
+    return tuple(out)
 
 
 # -------------------------------------------------------------------------------------- memory formulas
@@ -318,6 +396,12 @@ def logits_bytes(s: ModelSizes, cfg: PlanConfig) -> int:
     return F32_BYTES * rows * (s.n_vocab + s.n_embd)
 
 
+def expert_bytes(s: ModelSizes, cfg: PlanConfig) -> int:
+    """f32 live set of the experts of one layer run away from it: input rows, gate/up/product of the
+    selected experts and the output, for one micro-batch."""
+    return F32_BYTES * cfg.batch * (2 * s.n_embd + 3 * s.n_ff_exp * max(1, s.n_expert_used))
+
+
 def embedding_bytes(s: ModelSizes, cfg: PlanConfig) -> int:
     """f32 output of the token embedding lookup for one micro-batch (on the CPU)."""
     return F32_BYTES * cfg.batch * s.n_embd
@@ -338,6 +422,8 @@ class DeviceUsage:
     margin: int
     available: int | None  # None: unknown (not checked)
     mapped_weights: bool = False  # CPU: weights stay in the mmap and are not counted in `required`
+    experts: int = 0  # bytes of expert tensors among `weights`
+    expert_layers: tuple[int, ...] = ()  # layers whose experts are on this device
 
     @property
     def required(self) -> int:
@@ -367,6 +453,7 @@ class Plan:
     usage: tuple[DeviceUsage, ...]  # GPUs in order, then "cpu"
     warnings: tuple[str, ...] = ()
     hypothetical: bool = False  # planned for a GPU that is not visible (vram given, no CUDA)
+    expert_devices: tuple[str, ...] = ()  # per layer, the device of its experts (empty: a dense model)
 
     @property
     def n_gpu_layers(self) -> int:
@@ -390,8 +477,11 @@ class Plan:
         gpus = [u for u in self.usage if u.device != "cpu" and u.layers]
         ranges = ", ".join(f"{u.device}: {_ranges(u.layers)}" for u in gpus)
         head = "CPU" if self.output_device == "cpu" else self.output_device
+        apart = [i for i, (d, x) in enumerate(zip(self.layer_devices, self.expert_devices)) if d != x]
+        moved = f", experts of {len(apart)} of them on the CPU" if apart and all(
+            self.expert_devices[i] == "cpu" for i in apart) else f", experts of {len(apart)} layers apart" if apart else ""
         return (f"{self.n_gpu_layers}/{self.n_layer} layers on GPU" + (f" ({ranges})" if ranges else "")
-                + f", output head on {head}")
+                + moved + f", output head on {head}")
 
 
 def _ranges(layers: Sequence[int]) -> str:
@@ -453,42 +543,53 @@ def assign_units(n_layer: int, n_gpu_layers: int, shares: Sequence[Fraction]) ->
     return tuple(units)
 
 
-def _device_usage(s: ModelSizes, cfg: PlanConfig, units: tuple[int, ...], dev: int,
+def _device_usage(s: ModelSizes, cfg: PlanConfig, units: tuple[int, ...], xunits: tuple[int, ...], dev: int,
                   budget: _Budget | None, ram: int | None) -> DeviceUsage:
-    """The breakdown of device `dev` (CPU when budget is None) under a unit assignment."""
+    """The breakdown of device `dev` (CPU when budget is None) under a unit assignment (xunits: the device of
+    each layer's experts)."""
     layers = tuple(i for i in range(s.n_layer) if units[i] == dev)
+    xlayers = tuple(i for i in range(len(s.experts)) if xunits[i] == dev)
     has_output = units[s.n_layer] == dev
-    groups = [s.layers[i] for i in layers]
+    groups = [s.layers[i] for i in layers] + [s.experts[i] for i in xlayers]
     compute = activation_bytes(s, cfg) if layers else 0
+    compute += expert_bytes(s, cfg) if any(units[i] != dev for i in xlayers) else 0
     compute += logits_bytes(s, cfg) if has_output else 0
     if budget is None:
         groups += [s.token_embd, s.other] + ([s.output] if has_output else [])
         compute += embedding_bytes(s, cfg)
         margin, available, name = 0, ram, "cpu"
     else:
-        used = bool(layers) or has_output
+        used = bool(layers) or bool(xlayers) or has_output
         groups += ([s.head] if has_output else []) + ([s.other] if used else [])
         biggest = max((g.max_dequant_elems for g in groups), default=0)
         compute += F16_BYTES * biggest if cfg.dequant_scratch and used else 0
         margin, available, name = (budget.margin if used else 0), budget.available, budget.name
     return DeviceUsage(name, layers, has_output, sum(g.nbytes for g in groups),
                        kv_bytes_per_layer(s, cfg) * len(layers), compute, margin, available,
-                       mapped_weights=budget is None)
+                       mapped_weights=budget is None, experts=sum(s.experts[i].nbytes for i in xlayers),
+                       expert_layers=xlayers)
 
 
 def _plan_for(s: ModelSizes, cfg: PlanConfig, budgets: list[_Budget], ram: int | None, n: int,
-              requested: int | str, hypothetical: bool) -> Plan:
-    """The plan for -ngl n over the given GPU budgets (no fit check)."""
+              requested: int | str, hypothetical: bool, xdev: tuple[str | None, ...] = ()) -> Plan:
+    """The plan for -ngl n over the given GPU budgets (no fit check); xdev: per layer, the device its experts
+    are overridden to (None: with the layer)."""
     n = min(n, s.n_layer + 1)
     units = assign_units(s.n_layer, n, [b.share for b in budgets])
-    usage = [_device_usage(s, cfg, units, k, b, ram) for k, b in enumerate(budgets)]
-    usage.append(_device_usage(s, cfg, units, CPU, None, ram))
     names = [b.name for b in budgets]
+    index = {name: k for k, name in enumerate(names)} | {"cpu": CPU}
+    for d in dict.fromkeys(x for x in xdev if x is not None):
+        if d not in index:
+            raise PlanError(f"a tensor override names {d} but the plan's devices are {', '.join(['cpu', *names])}")
+    xunits = tuple(units[i] if i >= len(xdev) or xdev[i] is None else index[xdev[i]] for i in range(len(s.experts)))
+    usage = [_device_usage(s, cfg, units, xunits, k, b, ram) for k, b in enumerate(budgets)]
+    usage.append(_device_usage(s, cfg, units, xunits, CPU, None, ram))
     dev_name = (lambda k: "cpu" if k == CPU else names[k])
     return Plan(arch=s.arch, n_layer=s.n_layer, n_ctx=cfg.n_ctx, n_batch=cfg.batch, kv_dtype=cfg.kv_types,
                 gpu_layers=n, requested=requested, layer_devices=tuple(dev_name(k) for k in units[:-1]),
                 output_device=dev_name(units[-1]), embd_device="cpu", usage=tuple(usage),
-                warnings=_warnings(s, cfg, usage, hypothetical), hypothetical=hypothetical)
+                warnings=_warnings(s, cfg, usage, hypothetical), hypothetical=hypothetical,
+                expert_devices=tuple(dev_name(k) for k in xunits))
 
 
 def _warnings(s: ModelSizes, cfg: PlanConfig, usage: list[DeviceUsage], hypothetical: bool) -> tuple[str, ...]:
@@ -520,45 +621,48 @@ def _parse_gpu_layers(gpu_layers: int | str) -> int | str:
 
 def plan_placement(sizes: ModelSizes, cfg: PlanConfig, gpus: Sequence[Device] = (), ram: int | None = None,
                    gpu_layers: int | str = "auto", tensor_split: str | Sequence[float] | None = None,
-                   vram: str | int | Sequence[str | int] | None = None) -> Plan:
-    """Place a model: gpu_layers=N as llama.cpp's -ngl (PlanError if it does not fit), or 'auto' (most that fit)."""
+                   vram: str | int | Sequence[str | int] | None = None,
+                   overrides: Sequence[TensorOverride] = ()) -> Plan:
+    """Place a model: gpu_layers=N as llama.cpp's -ngl (PlanError if it does not fit), or 'auto' (most that fit);
+    overrides (parse_overrides, moe_overrides) move expert tensors off their layer's device."""
     want = _parse_gpu_layers(gpu_layers)
     budgets, hypothetical = _budgets(gpus, vram, cfg.margin, tensor_split)
+    xdev = expert_units(sizes, overrides) if overrides else ()
     top = sizes.n_layer + 1 if budgets else 0
     if want == "auto":
         for n in range(top, -1, -1):
-            plan = _plan_for(sizes, cfg, budgets, ram, n, "auto", hypothetical)
+            plan = _plan_for(sizes, cfg, budgets, ram, n, "auto", hypothetical, xdev)
             if plan.fits:
                 return plan
-        raise PlanError(_explain(plan, sizes, cfg, budgets, ram, hypothetical))
+        raise PlanError(_explain(plan, sizes, cfg, budgets, ram, hypothetical, xdev))
     n = sizes.n_layer + 1 if want == "all" else want
     if n > 0 and not budgets:
         raise PlanError(f"gpu_layers={gpu_layers} asks for a GPU but no CUDA device is visible (torch with CUDA "
                         "is not importable or finds no device); use gpu_layers=0, or pass vram= to plan for one")
-    plan = _plan_for(sizes, cfg, budgets, ram, n, gpu_layers, hypothetical)
+    plan = _plan_for(sizes, cfg, budgets, ram, n, gpu_layers, hypothetical, xdev)
     if not plan.fits:
-        raise PlanError(_explain(plan, sizes, cfg, budgets, ram, hypothetical))
+        raise PlanError(_explain(plan, sizes, cfg, budgets, ram, hypothetical, xdev))
     return plan
 
 
 # ------------------------------------------------------------------------------------------ diagnostics
 
 def _largest_fitting(sizes: ModelSizes, cfg: PlanConfig, budgets: list[_Budget], ram: int | None,
-                     hypothetical: bool) -> int | None:
+                     hypothetical: bool, xdev: tuple[str | None, ...] = ()) -> int | None:
     """The largest -ngl that fits with this config, or None when not even 0 does."""
     for n in range(sizes.n_layer + 1 if budgets else 0, -1, -1):
-        if _plan_for(sizes, cfg, budgets, ram, n, n, hypothetical).fits:
+        if _plan_for(sizes, cfg, budgets, ram, n, n, hypothetical, xdev).fits:
             return n
     return None
 
 
 def _largest_context(sizes: ModelSizes, cfg: PlanConfig, budgets: list[_Budget], ram: int | None, n: int,
-                     hypothetical: bool) -> int:
+                     hypothetical: bool, xdev: tuple[str | None, ...] = ()) -> int:
     """The largest context (a multiple of 256 when >= 256) with which -ngl n fits; 0 when none does."""
     lo, hi = 0, cfg.n_ctx - 1
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if _plan_for(sizes, replace(cfg, n_ctx=mid), budgets, ram, n, n, hypothetical).fits:
+        if _plan_for(sizes, replace(cfg, n_ctx=mid), budgets, ram, n, n, hypothetical, xdev).fits:
             lo = mid
         else:
             hi = mid - 1
@@ -566,7 +670,7 @@ def _largest_context(sizes: ModelSizes, cfg: PlanConfig, budgets: list[_Budget],
 
 
 def _explain(plan: Plan, sizes: ModelSizes, cfg: PlanConfig, budgets: list[_Budget], ram: int | None,
-             hypothetical: bool) -> str:
+             hypothetical: bool, xdev: tuple[str | None, ...] = ()) -> str:
     """Why a plan does not fit: required vs available bytes on the first full device, and what to change."""
     bad = next(u for u in plan.usage if not u.fits)
     parts = f"KV {fmt_bytes(bad.kv)} + compute {fmt_bytes(bad.compute)}"
@@ -580,16 +684,18 @@ def _explain(plan: Plan, sizes: ModelSizes, cfg: PlanConfig, budgets: list[_Budg
                 f"{fmt_bytes(bad.weights)} + {parts} + margin {fmt_bytes(bad.margin)}) but {bad.available} "
                 f"bytes ({fmt_bytes(bad.available)}) are available")
     hints = []
-    ctx = _largest_context(sizes, cfg, budgets, ram, plan.gpu_layers, hypothetical)
+    ctx = _largest_context(sizes, cfg, budgets, ram, plan.gpu_layers, hypothetical, xdev)
     if ctx:
         hints.append(f"a smaller context (at most -c {ctx} with these layers)")
-    best = _largest_fitting(sizes, cfg, budgets, ram, hypothetical)
+    best = _largest_fitting(sizes, cfg, budgets, ram, hypothetical, xdev)
     if bad.mapped_weights:
         hints.append("more GPU layers" if budgets else "a machine with more free RAM")
     elif best:
         hints.append(f"fewer GPU layers (at most {best} fit at this context)")
     elif best == 0:
         hints.append("fewer GPU layers (none fit at this context)")
+    if sizes.experts and not bad.mapped_weights and bad.experts:
+        hints.append("expert tensors on the CPU (--cpu-moe or --n-cpu-moe N)")
     hints.append("a smaller quantization type or KV cache type")
     options = hints[0] if len(hints) == 1 else f"{', '.join(hints[:-1])} or {hints[-1]}"
     return f"{head}; try {options}"
@@ -614,15 +720,21 @@ def format_plan(plan: Plan) -> str:
     for dev in dict.fromkeys(plan.layer_devices):
         layers = [i for i, d in enumerate(plan.layer_devices) if d == dev]
         lines.append(f"  {'layers ' + _ranges(layers):<24} -> {dev}")
+    for dev in dict.fromkeys(plan.expert_devices):
+        layers = [i for i, d in enumerate(plan.expert_devices) if d == dev]
+        lines.append(f"  {'experts ' + _ranges(layers):<24} -> {dev}")
     lines.append(f"  {'token_embd':<24} -> {plan.embd_device}")
     lines.append(f"  {'output head':<24} -> {plan.output_device}")
-    cols = ("device", "layers", "weights", "KV", "compute", "margin", "total", "available", "")
+    moe = bool(plan.expert_devices)
+    cols = ("device", "layers", "weights") + (("of which experts",) if moe else ()) + (
+        "KV", "compute", "margin", "total", "available", "")
     rows = [cols]
     for u in plan.usage:
         weights = fmt_bytes(u.weights) + ("*" if u.mapped_weights else "")
-        rows.append((u.device, str(len(u.layers)) + ("+out" if u.has_output else ""), weights, fmt_bytes(u.kv),
-                     fmt_bytes(u.compute), fmt_bytes(u.margin), fmt_bytes(u.required), fmt_bytes(u.available),
-                     "ok" if u.fits else "DOES NOT FIT"))
+        experts = (f"{fmt_bytes(u.experts)} ({len(u.expert_layers)} layers)",) if moe else ()
+        rows.append((u.device, str(len(u.layers)) + ("+out" if u.has_output else ""), weights, *experts,
+                     fmt_bytes(u.kv), fmt_bytes(u.compute), fmt_bytes(u.margin), fmt_bytes(u.required),
+                     fmt_bytes(u.available), "ok" if u.fits else "DOES NOT FIT"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
     for r in rows:
         lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -640,11 +752,11 @@ def plan_from_file(path: str | os.PathLike, n_ctx: int | None = None, gpu_layers
                    kv_dtype: str | None = None, n_batch: int = DEFAULT_N_BATCH,
                    margin: int | float | str | None = None, all_logits: bool = False,
                    kv_spec: KVSpec | None = None, type_k: str = DEFAULT_KV_TYPE, type_v: str = DEFAULT_KV_TYPE,
-                   n_seq: int = 1) -> Plan:
+                   n_seq: int = 1, overrides: Sequence[TensorOverride] = ()) -> Plan:
     """Plan a GGUF file from its header alone; devices/ram default to what this machine reports.
 
     kv_spec (what Model.load passes) sets n_ctx, the KV types and slots; else n_ctx, type_k / type_v (or
-    kv_dtype for both) and n_seq do."""
+    kv_dtype for both) and n_seq do. overrides (parse_overrides / moe_overrides) place expert tensors."""
     with open_gguf(path) as f:
         sizes = sizes_from_gguf(f, path)
     gpus = cuda_devices() if devices is None else [d for d in devices if d.name != "cpu"]
@@ -654,4 +766,5 @@ def plan_from_file(path: str | os.PathLike, n_ctx: int | None = None, gpu_layers
     else:
         cfg = PlanConfig(n_ctx if n_ctx is not None else sizes.n_ctx_train or DEFAULT_N_CTX, n_batch, kv_dtype,
                          margin, all_logits, type_k=type_k, type_v=type_v, n_seq=n_seq)
-    return plan_placement(sizes, cfg, gpus, free_ram() if ram is None else ram, gpu_layers, tensor_split, vram)
+    return plan_placement(sizes, cfg, gpus, free_ram() if ram is None else ram, gpu_layers, tensor_split, vram,
+                          overrides)

@@ -144,6 +144,21 @@ def _gpu_layers(value: str | None) -> int | str | None:
     return n
 
 
+def moe_options(f: Any) -> Any:
+    """--cpu-moe, --n-cpu-moe N, -ot/--override-tensor REGEX=DEVICE (llama.cpp's expert placement flags)."""
+    f = click.option("-ot", "--override-tensor", "override_tensor", multiple=True,
+                     help="Put tensors matching REGEX on DEVICE (CPU, CUDA0), e.g. exps=CPU; repeatable or "
+                          "comma-separated. Expert tensors (ffn_*_exps) only.")(f)
+    f = click.option("--n-cpu-moe", type=int, default=0, show_default=True,
+                     help="Keep the expert tensors of the first N layers on the CPU.")(f)
+    return click.option("--cpu-moe", is_flag=True, help="Keep every layer's expert tensors on the CPU.")(f)
+
+
+def moe_kwargs(cpu_moe: bool, n_cpu_moe: int, override_tensor: tuple[str, ...]) -> dict[str, Any]:
+    """The expert placement flags as Model.load keyword arguments."""
+    return dict(cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe, override_tensor=list(override_tensor) or None)
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("-p", "--prompt", default=None, help="Prompt to complete (no prompt: interactive chat).")
@@ -175,13 +190,15 @@ def _gpu_layers(value: str | None) -> int | str | None:
 @click.option("--plan", "plan_only", is_flag=True,
               help="Print the device placement and memory breakdown without loading weights, then exit.")
 @kv_cache_options
+@moe_options
 @click.option("--allow-context-extension", is_flag=True,
               help="Allow -c beyond the model's trained context (quality degrades there).")
 def main(model_path: Path, prompt: str | None, prompt_file: Path | None, n_predict: int, n_ctx: int,
          n_threads: int | None, n_batch: int, temperature: float, top_k: int, top_p: float, min_p: float,
          repeat_penalty: float, repeat_last_n: int, seed: int, system_prompt: str | None, force_chat: bool,
          stop: tuple[str, ...], no_display_prompt: bool, gpu_layers: str | None, vram: str | None,
-         tensor_split: str | None, plan_only: bool, type_k: str, type_v: str, allow_context_extension: bool) -> None:
+         tensor_split: str | None, plan_only: bool, type_k: str, type_v: str, cpu_moe: bool, n_cpu_moe: int,
+         override_tensor: tuple[str, ...], allow_context_extension: bool) -> None:
     """Run MODEL_PATH (.qf or .gguf): complete -p, or chat interactively when no prompt is given."""
     from qf.runtime import Model
 
@@ -197,15 +214,17 @@ def main(model_path: Path, prompt: str | None, prompt_file: Path | None, n_predi
     ngl = _gpu_layers(gpu_layers)
     try:
         if plan_only:
-            from qf.runtime.planner import format_plan, plan_from_file
+            from qf.runtime.planner import format_plan, moe_overrides, parse_overrides, plan_from_file
 
+            overrides = moe_overrides(cpu_moe, n_cpu_moe) + parse_overrides(list(override_tensor))
             click.echo(format_plan(plan_from_file(model_path, n_ctx or None, "auto" if ngl is None else ngl,
                                                   vram=vram, n_batch=n_batch, tensor_split=tensor_split,
-                                                  type_k=type_k, type_v=type_v)))
+                                                  type_k=type_k, type_v=type_v, overrides=overrides)))
             return
         model = Model.load(model_path, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch, gpu_layers=ngl,
                            vram=vram, tensor_split=tensor_split, type_k=type_k, type_v=type_v,
-                           allow_context_extension=allow_context_extension)
+                           allow_context_extension=allow_context_extension,
+                           **moe_kwargs(cpu_moe, n_cpu_moe, override_tensor))
         if model.plan is not None:
             _err(f"qrun: {model.plan.summary()}")
         _err(f"qrun: loaded {model} in {model.load_seconds:.2f} s")

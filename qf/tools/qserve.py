@@ -18,7 +18,7 @@ import click
 
 from qf.format.errors import QFError
 from qf.tools.kv_options import kv_cache_options
-from qf.tools.qrun import _gpu_layers
+from qf.tools.qrun import _gpu_layers, moe_kwargs, moe_options
 
 DEFAULT_PORT = 8080
 
@@ -40,6 +40,7 @@ DEFAULT_PORT = 8080
 @click.option("--vram", default=None, help="Cap the GPU budget, e.g. 6GiB.")
 @click.option("-ts", "--tensor-split", default=None, help="Split layers across GPUs by these ratios.")
 @kv_cache_options
+@moe_options
 @click.option("--api-key", default=None, envvar="QF_API_KEY",
               help="Require 'Authorization: Bearer KEY' on every endpoint but /health (or $QF_API_KEY).")
 @click.option("--alias", default=None, help="Model id the API reports and accepts (default: the file's stem).")
@@ -50,7 +51,7 @@ DEFAULT_PORT = 8080
               help="Seconds SIGTERM waits for in-flight requests before cancelling them.")
 def main(model_path: Path, host: str, port: int, n_seq: int, n_ctx: int, n_threads: int | None, n_batch: int,
          gpu_layers: str | None, vram: str | None, tensor_split: str | None, type_k: str, type_v: str,
-         api_key: str | None, alias: str | None, max_queue: int, max_body: int, shutdown_timeout: float) -> None:
+         cpu_moe: bool, n_cpu_moe: int, override_tensor: tuple[str, ...], api_key: str | None, alias: str | None, max_queue: int, max_body: int, shutdown_timeout: float) -> None:
     """Serve MODEL_PATH (.qf or .gguf) over the OpenAI API."""
     try:
         import uvicorn
@@ -68,7 +69,7 @@ def main(model_path: Path, host: str, port: int, n_seq: int, n_ctx: int, n_threa
     try:
         model = Model.load(model_path, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch,
                            gpu_layers=_gpu_layers(gpu_layers), vram=vram, tensor_split=tensor_split, n_seq=n_seq,
-                           type_k=type_k, type_v=type_v)
+                           type_k=type_k, type_v=type_v, **moe_kwargs(cpu_moe, n_cpu_moe, override_tensor))
     except (QFError, ValueError) as e:
         click.echo(f"qserve: error: {e}", err=True)
         sys.exit(1)
