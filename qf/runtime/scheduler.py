@@ -213,6 +213,7 @@ class Scheduler:
         self.cache.append(chunk, req.slot)
         req.stats.t_prompt += time.perf_counter() - t0
         if req.all_logits:
+            self._check_finite(batch, logits, [req] * len(chunk))
             req._add_logits(logits)
         else:
             self._check_finite(Batch.sequence(chunk[-1:], start + len(chunk) - 1, req.slot), logits, [req])
@@ -229,6 +230,8 @@ class Scheduler:
         if ok.all():
             return
         for i in np.flatnonzero(~ok):
+            if reqs[i].done:  # one error per request (an all-logits request owns every row)
+                continue
             row = Batch(batch.ids[i:i + 1], batch.pos[i:i + 1], batch.slots[i:i + 1], batch.exact_rows)
             where = self.forward.locate_nonfinite(row, self.cache) or "output"
             reqs[i]._fail(NonFiniteError(f"the forward pass produced inf/NaN (first in {where}'s output) at "
