@@ -33,13 +33,13 @@ from string import Formatter
 from typing import Any, Callable, Iterable, Sequence
 
 from qf.format.errors import ModelError
+from qf.format.model_check import MAX_TEMPLATE_CHARS  # the loader's limit: one value for both
 
 # Used when a file carries no template (what llama.cpp falls back to as well).
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-MAX_TEMPLATE_CHARS = 1 << 20
 MAX_OUTPUT_CHARS = 1 << 24  # a prompt beyond this is a runaway template, not a conversation
 
 # Fixed limits (no real template comes near them): name -> (limit, unit).

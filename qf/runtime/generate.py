@@ -21,6 +21,7 @@ from qf.format.errors import ContextOverflowError, QFError
 from qf.runtime.arch.llama import Batch
 from qf.runtime.kv_cache import KVCache
 from qf.runtime.sampler import Sampler, SamplingParams
+from qf.runtime.stops import StopFilter
 from qf.runtime.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -30,32 +31,6 @@ FinishReason = Literal["stop", "length", "cancelled"]
 __all__ = ["Engine", "FinishReason", "Generation", "GenerationStats", "StopFilter"]
 _SEQ = itertools.count()  # arrival order of requests (prompt chunks are served oldest first)
 _DONE = object()  # queue sentinel: the request finished
-
-
-class StopFilter:
-    """Holds back text that might be the start of a stop string; reports when one appears."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.buf = ""
-
-    def push(self, text: str) -> tuple[str, bool]:
-        """(text safe to emit, stopped?) after appending text."""
-        if not self.stops:
-            return text, False
-        self.buf += text
-        hits = [i for i in (self.buf.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.buf = self.buf[:min(hits)], ""
-            return out, True
-        hold = max((k for s in self.stops for k in range(1, len(s)) if self.buf.endswith(s[:k])), default=0)
-        out, self.buf = self.buf[:len(self.buf) - hold], self.buf[len(self.buf) - hold:]
-        return out, False
-
-    def flush(self) -> str:
-        """Text held back when generation ends without a stop string."""
-        out, self.buf = self.buf, ""
-        return out
 
 
 class LogitsConstraint(Protocol):
