@@ -79,3 +79,26 @@ def test_qbench_table(tiny: Path, tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     assert [r["test"] for r in data["results"]] == ["pp16", "tg4"]
     assert all(len(r["seconds"]) == 2 and r["median_tps"] > 0 for r in data["results"])
+
+
+def test_prompt_files_are_bounded_and_regular(tmp_path: Path) -> None:
+    """-f reads a regular UTF-8 file of bounded size; a FIFO, a device or a huge file is a clean error."""
+    import os
+
+    from qf.format.errors import QFError
+    from qf.tools.qrun import read_prompt_file
+
+    ok = tmp_path / "p.txt"
+    ok.write_text("héllo")
+    assert read_prompt_file(ok) == "héllo"
+    with pytest.raises(QFError, match="larger than"):
+        read_prompt_file(ok, limit=3)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for bad in (fifo, Path("/dev/zero"), tmp_path):
+        with pytest.raises(QFError, match="not a regular file"):
+            read_prompt_file(bad)
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(b"caf\xe9")
+    with pytest.raises(QFError, match="not UTF-8"):
+        read_prompt_file(latin)
