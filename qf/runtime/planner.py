@@ -12,7 +12,7 @@ Placement follows llama.cpp (llama-model.cpp, load_tensors):
   exceeds u / n_units (llama.cpp's upper_bound over the normalised split points), in exact fractions.
 
 - Mixture of experts: a layer's expert tensors (ffn_{gate,up,down}_exps) follow their layer unless a tensor
-  override (llama.cpp's --override-tensor REGEX=DEVICE; --cpu-moe = "\.ffn_(up|down|gate)_exps=CPU",
+  override (llama.cpp's --override-tensor REGEX=DEVICE; --cpu-moe = "\\.ffn_(up|down|gate)_exps=CPU",
   --n-cpu-moe N = the same for blk.0..N-1) puts them elsewhere; only expert tensors can move apart from their
   layer, and a layer's three together. Their bytes count on their device (mapped on the CPU), and a device
   running experts of layers it does not hold gets their activations: 4 * B * (2*n_embd + 3*n_ff_exp*k).

@@ -237,6 +237,17 @@ def _call(fn: Callable[[], Any]) -> Any:
         raise _qf_error(e) from None
 
 
+def _prompt(state: ServerState, fn: Callable[[], list[int]], param: str) -> list[int]:
+    """Prompt tokens; a prompt that cannot fit is a 400 naming the context length."""
+    try:
+        return fn()
+    except ContextOverflowError as e:
+        raise P.OpenAIError(400, f"this model's maximum context length is {state.model.n_ctx} tokens; {e}",
+                            param=param, code="context_length_exceeded") from None
+    except QFError as e:
+        raise _qf_error(e) from None
+
+
 def _admit(state: ServerState) -> None:
     """503 when the queue for slots is full."""
     sch = state.model.scheduler
@@ -268,7 +279,7 @@ def _start_chat(state: ServerState, req: P.ChatRequest) -> Generation:
     """Validate and queue a chat request."""
     _admit(state)
     m = state.model
-    ids = _call(lambda: m.chat_tokens(req.conversation()))
+    ids = _prompt(state, lambda: m.chat_tokens(req.conversation()), "messages")
     _check_budget(state, len(ids), req.limit())
     constraint = _constraint(state, req.response_format)
     gen = _call(lambda: m.generate(ids, max_tokens=req.limit(), stop=req.stop, constraint=constraint,
@@ -281,7 +292,8 @@ def _start_completion(state: ServerState, req: P.CompletionRequest) -> Generatio
     """Validate and queue a completion request."""
     _admit(state)
     m = state.model
-    ids = _call(lambda: m.tokenize(req.prompt, max_tokens=m.n_ctx) if isinstance(req.prompt, str) else list(req.prompt))
+    ids = _prompt(state, lambda: m.tokenize(req.prompt, max_tokens=m.n_ctx) if isinstance(req.prompt, str)
+                  else list(req.prompt), "prompt")
     _check_budget(state, len(ids), req.max_tokens)
     gen = _call(lambda: m.generate(ids, max_tokens=req.max_tokens, stop=req.stop, **req.sampling()))
     state.metrics.started(len(ids))
