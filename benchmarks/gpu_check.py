@@ -205,29 +205,10 @@ def placements(work: Path, dry: bool) -> list[str]:
 
 
 def _time(fn: Callable[[], Any], iters: int, cuda: bool) -> float:
-    """Median seconds per call (CUDA events in batches of 10 on a GPU)."""
-    import torch
+    """Median seconds per call (bench_gpu's timer: CUDA events on a GPU)."""
+    from bench_gpu import time_call
 
-    for _ in range(3):
-        fn()
-    if cuda:
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(max(1, iters // 10)):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(10):
-                fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b) / 1e3 / 10)
-        return statistics.median(times)
-    times = []
-    for _ in range(max(1, iters)):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return time_call(fn, iters, "cuda" if cuda else "cpu")
 
 
 def kernels(dry: bool) -> list[str]:
@@ -308,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     dry = args.dry_run
     if dry:
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    sys.path.insert(0, str(ROOT))
+    sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
     report = Report(args.out)
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         work = Path(tmp)
