@@ -36,10 +36,12 @@ Values = Callable[[str], np.ndarray]  # tensor name -> its values as f32 (small 
 
 @dataclass(frozen=True)
 class TensorDecl:
-    """One tensor of a file's table: ggml shape (ne[0] innermost) and storage type."""
+    """One tensor of a file's table: ggml shape (ne[0] innermost) and storage type; a payload weight (several
+    member tensors, qf.quant.formats) is one logical entry with its scheme string set."""
 
     ne: tuple[int, ...]
     type: GGMLType
+    scheme: str | None = None
 
 
 @dataclass(frozen=True)
@@ -259,7 +261,9 @@ def check_tensors(hp: HParams, tensors: Mapping[str, TensorDecl], path: str,
         ne = squeeze_ne(t.ne, len(e.ne))
         if ne != e.ne:
             raise ModelCheckError(path, name, f"has shape {ne}, expected {e.ne} ({', '.join(e.dims)})", tensor=True)
-        if decodable is not None and t.type not in decodable:
+        if t.scheme is not None and len(e.ne) != 2:
+            raise ModelCheckError(path, name, f"is a payload ({t.scheme}); only 2-D matrices may be", tensor=True)
+        if decodable is not None and t.scheme is None and t.type not in decodable:
             raise ModelCheckError(path, name, f"is stored as {GGMLType(t.type).name}, a type with no codec here "
                                   f"(supported: {', '.join(GGMLType(x).name for x in decodable)})", tensor=True)
     if values is not None:

@@ -21,10 +21,6 @@ from typing import Callable
 
 import numpy as np
 
-from qf.convert.archspec import KV
-from qf.convert.pipeline import (
-    CHUNK_ELEMENTS, QUANTIZATION_VERSION, ConvertSummary, PlannedTensor, Progress, summarize, write_tensors,
-)
 from qf.format.checksum import RESERVED_KEYS
 from qf.format.errors import ConvertError
 from qf.format.ggml_types import GGMLType, row_bytes
@@ -37,6 +33,9 @@ from qf.format.values import GGUFValueType as V
 from qf.quant.codecs import get_codec, registered_types
 from qf.quant.imatrix import KV_KEYS, ImportanceMatrix
 from qf.quant.mixes import Overrides, TensorCtx, choose_type, file_type, get_mix, layer_of, with_counters
+from qf.quant.tensor_plan import (
+    CHUNK_ELEMENTS, KV, QUANTIZATION_VERSION, ConvertSummary, PlannedTensor, Progress, summarize, write_tensors,
+)
 
 FILE_TYPE_KEY = "general.file_type"
 QUANT_VERSION_KEY = "general.quantization_version"

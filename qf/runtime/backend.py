@@ -17,8 +17,9 @@ from qf.format.errors import ModelError
 from qf.format.ggml_types import GGMLType
 from qf.runtime.kernels import cpu as kernels
 from qf.runtime.kernels import cpu_attention as attn
+from qf.runtime.kernels import cpu_payload
 from qf.runtime.kv_cache import KVSpec, LayerKV, hadamard
-from qf.runtime.weights import TensorRef
+from qf.runtime.weights import PayloadRef, TensorRef, WeightRef
 
 # Plain float types that a 1-D weight can be viewed as without a codec.
 _NUMPY_DTYPES: dict[GGMLType, type] = {GGMLType.F32: np.float32, GGMLType.F16: np.float16}
@@ -152,8 +153,11 @@ class CpuBackend:
         # numba cannot use more threads than its pool was started with (NUMBA_NUM_THREADS)
         self.n_threads = None if n_threads is None else max(1, min(int(n_threads), numba.config.NUMBA_NUM_THREADS))
 
-    def matrix(self, t: TensorRef) -> Any:
-        """Wrap the mapped bytes of a 2-D weight in a kernel matrix (never copied)."""
+    def matrix(self, t: WeightRef) -> Any:
+        """Wrap the mapped bytes of a 2-D weight in a kernel matrix (never copied); a payload weight gets its
+        scheme's kernel (kernels/cpu_payload.py)."""
+        if isinstance(t, PayloadRef):
+            return cpu_payload.payload_matrix(t)
         try:
             return kernels.QMatrix(t.type, t.data, t.n_in, t.n_out)
         except (ValueError, KeyError, NotImplementedError, TypeError) as e:
@@ -197,7 +201,9 @@ class CpuBackend:
         exact_rows: every row's result bit for bit what it would be alone (the fused kernel, never BLAS):
         a decode step of several sequences gives each the logits it would get alone.
         """
-        if x.shape[0] == 1:
+        if isinstance(w, cpu_payload.PayloadMatrix):
+            y = w.linear(x, exact_rows)
+        elif x.shape[0] == 1:
             y = kernels.matvec(w, x[0]).reshape(1, -1)
         else:
             y = kernels.matmul(w, x, blas=False if exact_rows else None)

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 
 from qf.format.errors import ModelError
 from qf.runtime.kernels import torch_dequant as tq
+from qf.runtime.kernels import torch_payload as tp
 from qf.runtime.kv_cache import KVSpec, hadamard
-from qf.runtime.weights import TensorRef
+from qf.runtime.weights import PayloadRef, TensorRef, WeightRef
 
 # device type -> (weight/matmul dtype, KV cache dtype)
 DTYPES: dict[str, tuple[torch.dtype, torch.dtype]] = {
@@ -57,13 +58,16 @@ class TorchBackend:
 
     # -- placement --------------------------------------------------------------------------------------
 
-    def matrix(self, t: TensorRef) -> tq.PackedWeight:
-        """Upload a 2-D weight [n_out, n_in] packed (its blocks split into fields); a tensor asked for twice
-        (token_embd as embedding and tied head) is uploaded once."""
-        key = (t.name, t.data.__array_interface__["data"][0], tuple(t.data.shape))
+    def matrix(self, t: WeightRef) -> tq.PackedWeight | tp.TorchPayload:
+        """Upload a 2-D weight [n_out, n_in] packed (its blocks split into fields; a payload weight by its
+        scheme's packer, kernels/torch_payload.py); a tensor asked for twice (token_embd as embedding and tied
+        head) is uploaded once."""
+        first = t.arrays[min(t.arrays)] if isinstance(t, PayloadRef) else t.data
+        key = (t.name, first.__array_interface__["data"][0], tuple(first.shape))
         w = self._uploaded.get(key)
         if w is None:
-            w = self._uploaded[key] = self._pack(t, t.data, t.n_in)
+            w = self._uploaded[key] = (tp.pack(t, self.device) if isinstance(t, PayloadRef)
+                                       else self._pack(t, t.data, t.n_in))
             self.weight_bytes += w.nbytes
         return w
 
@@ -119,6 +123,9 @@ class TorchBackend:
         """x [M, n_in] @ w.T (+ bias) -> f32 [M, n_out]: the fused Triton kernel for decode-sized M, else
         w dequantized tile by tile (exact_rows: best effort; GEMM libraries may sum a row differently for
         different M)."""
+        if isinstance(w, tp.TorchPayload):
+            y = tp.matmul(w, x, self.weight_dtype, self.tile_elems)
+            return y if bias is None else y.add_(bias)
         fused = self.fused.get(w.qtype)
         if fused is not None and x.shape[0] <= fused[1]:
             y = fused[0](w, x)
