@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from qf.convert.json_fields import Fields, read_json
 from qf.format.errors import ConvertError
@@ -13,9 +13,10 @@ __all__ = ["CONFIG_NAME", "QUANT_METHODS", "architecture_of", "check_quantizatio
 
 CONFIG_NAME = "config.json"
 
-# quant_method -> validator of its quantization_config. Empty until a quantized-checkpoint
-# importer registers itself here; anything else is rejected with this list in the message.
-QUANT_METHODS: dict[str, Callable[[dict[str, Any], Path], None]] = {}
+# quant_method -> importer of its checkpoints (qf.convert.quant_import registers them: an object with
+# .check(quantization_config, path) and .scan(checkpoint, quantization_config, path)); anything else is
+# rejected with this list in the message.
+QUANT_METHODS: dict[str, Any] = {}
 
 
 def load_config(model_dir: Path) -> dict[str, Any]:
@@ -49,7 +50,7 @@ def check_quantization(cfg: dict[str, Any], path: Path) -> None:
     if method not in QUANT_METHODS:
         raise ConvertError(f"{path}: unsupported quantization_config quant_method {method!r}{detail}; "
                            f"supported: {supported}")
-    QUANT_METHODS[method](qc, path)
+    QUANT_METHODS[method].check(qc, path)
 
 
 def require_keys(cfg: dict[str, Any], keys: Iterable[str], arch: str, path: Path) -> None:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import re
 import time
-from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,51 +16,28 @@ from qf.convert.archspec import (
 from qf.convert.checkpoint import INDEX_NAME, Checkpoint
 from qf.convert.hf_config import CONFIG_NAME, architecture_of, check_quantization, load_config
 from qf.convert.json_fields import Fields
+from qf.convert.quant_import import QUANT_METHODS, LinearPayload
 from qf.convert.registry import spec_for_hf, supported_hf_architectures
 from qf.convert.safetensors_io import FLOAT_DTYPES
 from qf.convert.tokenizer import TOKENIZER_FILES, tokenizer_kv
 from qf.format.errors import ConvertError, QFError
-from qf.format.ggml_types import GGMLType, row_bytes, tensor_bytes
+from qf.format.ggml_types import GGMLType, row_bytes
 from qf.format.hparams import LIMITS, ModelCheckError, check_limits
 from qf.format.model_check import KVMetadata, TensorDecl, squeeze_ne, validate_model
 from qf.format.output_guard import refuse_input_as_output
-from qf.format.values import DEFAULT_ALIGNMENT
 from qf.format.values import GGUFValueType as V
-from qf.format.writer import QFWriter
 from qf.quant.codecs import get_codec, registered_types
+from qf.quant.formats import fold_payloads, member_name, payload_kv
 from qf.quant.imatrix import ImportanceMatrix
 from qf.quant.mixes import Mix, TensorCtx, choose_type, file_type, get_mix
+from qf.quant.tensor_plan import (  # noqa: F401  (re-exported: the planning types live in qf.quant)
+    CHUNK_ELEMENTS, QUANTIZATION_VERSION, ConvertSummary, PlannedTensor, Progress, summarize, write_tensors,
+)
 
-QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
-CHUNK_ELEMENTS = 1 << 22  # rows are converted in chunks of about this many values (16 MiB of f32)
-Progress = Callable[[int, int, str], None]  # (bytes written, total bytes, tensor name)
 UNWEIGHTED = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16})  # types an imatrix cannot change
+DEFAULT_TYPE = "Q8_0"  # --type of a plain checkpoint when none is given
+DEFAULT_QUANTIZED_REST = "F16"  # --type of a quantized checkpoint's unquantized tensors when none is given
 INPUT_NAMES = (CONFIG_NAME, INDEX_NAME, *TOKENIZER_FILES)  # files of a checkpoint folder a conversion may read
-
-
-@dataclass
-class PlannedTensor:
-    """One output tensor: where its values come from and how it is stored."""
-
-    name: str
-    ne: tuple[int, ...]  # ggml order, ne[0] innermost
-    type: GGMLType
-    source: str | None = None  # HF tensor name; None for generated tensors
-    permute_heads: int | None = None  # axis-0 rows reordered into this many heads
-    data: np.ndarray | None = None  # generated values (f32), e.g. rope_freqs
-    shift: float = 0.0  # constant added to the source values (gemma's 1 + w norms)
-    importance: np.ndarray | None = None  # per-column weights for the quantizer (imatrix), f32 [ne0]
-    parts: tuple[str, ...] = ()  # HF tensors stacked on a new outer axis (one per expert); source = parts[0]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes in the output file (before alignment padding)."""
-        return tensor_bytes(self.type, self.ne)
-
-    @property
-    def n_elements(self) -> int:
-        """Number of values."""
-        return int(np.prod(self.ne, dtype=np.int64))
 
 
 @dataclass
@@ -80,24 +55,6 @@ class ConvertPlan:
         return sum(t.nbytes for t in self.tensors)
 
 
-@dataclass
-class ConvertSummary:
-    """What a conversion produced."""
-
-    path: Path
-    n_tensors: int
-    n_params: int
-    tensor_bytes: int
-    file_bytes: int
-    seconds: float
-    types: Counter = field(default_factory=Counter)
-
-    @property
-    def bits_per_weight(self) -> float:
-        """Average stored bits per value over all tensors."""
-        return 8.0 * self.tensor_bytes / max(1, self.n_params)
-
-
 def _config_ints(kv: list[KV]) -> dict[str, Any]:
     """Resolved hyperparameters by key suffix after the architecture name."""
     return {k.split(".", 1)[1]: v for k, v, _ in kv}
@@ -106,14 +63,14 @@ def _config_ints(kv: list[KV]) -> dict[str, Any]:
 Mapped = dict[str, tuple[int | None, list[tuple[int, str]]]]  # GGUF name -> (layer, [(expert, HF name)])
 
 
-def _map_names(spec: ArchSpec, ckpt: Checkpoint, tied: bool) -> Mapped:
+def _map_names(spec: ArchSpec, ckpt: Checkpoint, tied: bool, names_in: list[str] | None = None) -> Mapped:
     """GGUF name -> (layer, its HF sources) for every tensor kept; unknown names are an error. A GGUF tensor
     stacking experts gets one HF tensor per expert, numbered 0..E-1 without a gap."""
     names = NameMap(spec.tensor_map)
     ignore = [re.compile(p) for p in spec.ignore]
     mapped: Mapped = {}
     unknown = []
-    for hf in ckpt.names():
+    for hf in (ckpt.names() if names_in is None else names_in):
         if any(p.search(hf) for p in ignore):
             continue
         m = names.to_gguf(hf)
@@ -160,11 +117,35 @@ def _order_key(t: PlannedTensor, layer: int | None, rank: int) -> tuple[int, int
     return (1 if t.name.startswith("token_embd") else 3, 0, rank)
 
 
+def _payload_names(ckpt: Checkpoint, payloads: dict[str, LinearPayload]) -> list[str]:
+    """The checkpoint's tensor names with each quantized linear's members replaced by its logical weight name."""
+    consumed = {n for lp in payloads.values() for n in lp.consumed}
+    return [n for n in ckpt.names() if n not in consumed] + [n for n in payloads if n not in ckpt or n in consumed]
+
+
+def _payload_members(name: str, lp: LinearPayload, heads: int | None, ckpt: Checkpoint) -> list[PlannedTensor]:
+    """The member tensors of one payload weight (output rows permuted into GGML's head order when asked)."""
+    perm = head_permutation(lp.n_out, heads) if heads else None
+    out = []
+    for suffix, m in lp.members.items():
+        if perm is not None and m.row_block > 1 and np.any(perm // m.row_block != np.arange(lp.n_out) // m.row_block):
+            raise ConvertError(f"{ckpt.dir}: tensor {lp.hf_weight!r}: its {m.row_block}-row scale blocks cannot "
+                               f"follow the Q/K head permutation ({heads} heads)")
+        read = m.read if perm is None or m.row_block != 1 else (lambda r=m.read: np.ascontiguousarray(r()[perm]))
+        out.append(PlannedTensor(member_name(name, suffix), m.ne, m.type, source=lp.consumed[0], produce=read,
+                                 group=lp.scheme, payload=(name, lp.scheme)))
+    return out
+
+
 def _plan_tensors(spec: ArchSpec, ckpt: Checkpoint, cfg: dict[str, Any], hp: dict[str, Any], mix: Mix,
-                  where: Path, imatrix: ImportanceMatrix | None = None) -> list[PlannedTensor]:
-    """One PlannedTensor per output tensor, in file order (with its importance, given an imatrix)."""
-    tied = Fields(cfg, where / CONFIG_NAME).bool("tie_word_embeddings", False) or "lm_head.weight" not in ckpt
-    mapped = _map_names(spec, ckpt, tied)
+                  where: Path, imatrix: ImportanceMatrix | None = None,
+                  payloads: dict[str, LinearPayload] | None = None) -> list[PlannedTensor]:
+    """One PlannedTensor per output tensor, in file order (with its importance, given an imatrix); a quantized
+    linear of the checkpoint (payloads, by HF weight name) becomes its member tensors."""
+    payloads = payloads or {}
+    tied = Fields(cfg, where / CONFIG_NAME).bool("tie_word_embeddings", False) or "lm_head.weight" not in (
+        set(ckpt.names()) | set(payloads))
+    mapped = _map_names(spec, ckpt, tied, _payload_names(ckpt, payloads) if payloads else None)
     n_layers = int(hp["block_count"])
     n_expert = int(hp.get("expert_count", 0))
     _check_tensors(spec, mapped, n_layers, where, n_expert)
@@ -174,6 +155,15 @@ def _plan_tensors(spec: ArchSpec, ckpt: Checkpoint, cfg: dict[str, Any], hp: dic
     keyed = []
     for name, (layer, parts) in mapped.items():
         hf = parts[0][1]
+        template = name if layer is None else name.replace(f"blk.{layer}.", "blk.{bid}.", 1)
+        if hf in payloads:
+            if len(parts) > 1 or parts[0][0] >= 0:
+                raise ConvertError(f"{ckpt.dir}: tensor {hf!r}: quantized experts are not supported yet")
+            heads_key = spec.permute.get(tensor_suffix(name))
+            for i, t in enumerate(_payload_members(name, payloads[hf], None if heads_key is None
+                                                   else int(hp[heads_key]), ckpt)):
+                keyed.append((_order_key(t, layer, rank[template]) + (i,), t))
+            continue
         shapes = {ckpt.entry(h).shape for _, h in parts}
         for _, h in parts:
             e = ckpt.entry(h)
@@ -191,11 +181,10 @@ def _plan_tensors(spec: ArchSpec, ckpt: Checkpoint, cfg: dict[str, Any], hp: dic
         t = PlannedTensor(name, ne, qt, hf, None if heads_key is None else int(hp[heads_key]),
                           shift=float(spec.value_shift.get(suffix, 0.0)), importance=imp,
                           parts=tuple(h for _, h in parts) if stacked else ())
-        template = name if layer is None else name.replace(f"blk.{layer}.", "blk.{bid}.", 1)
-        keyed.append((_order_key(t, layer, rank[template]), t))
+        keyed.append((_order_key(t, layer, rank[template]) + (0,), t))
     for i, (name, data) in enumerate(spec.extra_tensors(cfg, where / "config.json").items()):
         t = PlannedTensor(name, tuple(reversed(data.shape)), GGMLType.F32, data=np.asarray(data, np.float32))
-        keyed.append((_order_key(t, None, i), t))
+        keyed.append((_order_key(t, None, i) + (0,), t))
     return [t for _, t in sorted(keyed, key=lambda kt: kt[0])]
 
 
@@ -270,16 +259,22 @@ def check_plan(spec: ArchSpec, kv: list[KV], tensors: list[PlannedTensor], where
     table = {t.name: TensorDecl(t.ne, t.type) for t in tensors}
     generated = {t.name: t.data for t in tensors if t.data is not None}
     try:
-        validate_model(KVMetadata(kv, str(where)), table, str(where), registered_types(), generated.__getitem__)
+        meta = KVMetadata(kv, str(where))
+        table, _ = fold_payloads(meta, table, str(where))
+        validate_model(meta, table, str(where), registered_types(), generated.__getitem__)
     except QFError as e:
         raise _as_convert_error(e, spec, tensors, where) from None
 
 
-def plan_conversion(model_dir: str | Path, qtype: str, ckpt: Checkpoint | None = None,
+def plan_conversion(model_dir: str | Path, qtype: str | None, ckpt: Checkpoint | None = None,
                     imatrix: ImportanceMatrix | None = None) -> tuple[ConvertPlan, Checkpoint]:
     """Validate config, tensors and tokenizer; decide every key and tensor type; check the whole plan with the
-    runtime's validator. Returns the open checkpoint too."""
+    runtime's validator. Returns the open checkpoint too. qtype None: Q8_0, or F16 for the unquantized tensors
+    of a quantized checkpoint (whose quantized linears keep their payload)."""
     model_dir = Path(model_dir)
+    if qtype is None:
+        quantized = isinstance(load_config(model_dir).get("quantization_config"), dict)
+        qtype = DEFAULT_QUANTIZED_REST if quantized else DEFAULT_TYPE
     mix = get_mix(qtype)
     if mix.default not in registered_types():
         raise ConvertError(f"type {qtype} needs a {mix.default.name} codec, which is not available")
@@ -290,7 +285,10 @@ def plan_conversion(model_dir: str | Path, qtype: str, ckpt: Checkpoint | None =
     hparams = _checked_hparams(spec, cfg, cfg_path, model_dir)
     ckpt = ckpt or Checkpoint(model_dir)
     try:
-        tensors = _plan_tensors(spec, ckpt, cfg, _config_ints(hparams), mix, model_dir, imatrix)
+        qc = cfg.get("quantization_config")
+        importer = QUANT_METHODS[qc["quant_method"]] if isinstance(qc, dict) else None
+        payloads = importer.scan(ckpt, qc, cfg_path) if importer is not None else {}
+        tensors = _plan_tensors(spec, ckpt, cfg, _config_ints(hparams), mix, model_dir, imatrix, payloads)
         tok = tokenizer_kv(model_dir, cfg, _vocab_rows(tensors, cfg, model_dir))
         _check_vocab(tensors, tok, model_dir)
         name = Fields(cfg, cfg_path).str("_name_or_path", None) or model_dir.resolve().name
@@ -301,7 +299,9 @@ def plan_conversion(model_dir: str | Path, qtype: str, ckpt: Checkpoint | None =
             ("general.file_type", file_type(qtype), V.UINT32),
             ("general.quantization_version", QUANTIZATION_VERSION, V.UINT32),
         ]
-        kv = general + hparams + tok + (imatrix.kv() if imatrix is not None else [])
+        written = list(dict.fromkeys(t.payload for t in tensors if t.payload is not None))
+        kv = (general + hparams + tok + (imatrix.kv() if imatrix is not None else [])
+              + payload_kv(written, importer.source if importer is not None else None))
         check_plan(spec, kv, tensors, model_dir)
     except BaseException:
         ckpt.close()
@@ -322,6 +322,8 @@ def _encode(ckpt: Checkpoint, t: PlannedTensor) -> np.ndarray:
         for h in t.parts:
             ckpt.release(h)
         return np.concatenate(out, axis=0)
+    if t.produce is not None:
+        return t.produce()
     codec = get_codec(t.type)
     ne0 = t.ne[0]
     if t.data is not None:
@@ -351,29 +353,6 @@ def _encode(ckpt: Checkpoint, t: PlannedTensor) -> np.ndarray:
     return out
 
 
-Encoder = Callable[[PlannedTensor], np.ndarray]  # one tensor's stored bytes (u8 rows or a typed array)
-
-
-def write_tensors(out_path: str | Path, kv: list[KV], tensors: list[PlannedTensor], encode: Encoder,
-                  progress: Progress | None = None, alignment: int = DEFAULT_ALIGNMENT) -> None:
-    """Declare every key and tensor, then stream each tensor's encode() into an atomically written file.
-
-    The per-tensor loop shared by qconvert (write_plan) and qquantize (qf.quant.requantize).
-    """
-    total, done = sum(t.nbytes for t in tensors), 0
-    with QFWriter(out_path, alignment) as w:
-        for key, value, vtype in kv:
-            w.add_kv(key, value, vtype)
-        for t in tensors:
-            w.add_tensor_info(t.name, t.ne, t.type)
-        w.write_header()
-        for t in tensors:
-            w.write_tensor(t.name, encode(t))
-            done += t.nbytes
-            if progress is not None:
-                progress(done, total, t.name)
-
-
 def write_plan(plan: ConvertPlan, ckpt: Checkpoint, out_path: str | Path, progress: Progress | None = None) -> None:
     """Stream every planned tensor through its codec into an atomically written file."""
 
@@ -387,16 +366,7 @@ def write_plan(plan: ConvertPlan, ckpt: Checkpoint, out_path: str | Path, progre
     write_tensors(out_path, plan.kv, plan.tensors, encode, progress)
 
 
-def summarize(out_path: str | Path, tensors: list[PlannedTensor], t0: float) -> ConvertSummary:
-    """What a finished write produced (t0: time.perf_counter() at the start)."""
-    return ConvertSummary(
-        path=Path(out_path), n_tensors=len(tensors), n_params=sum(t.n_elements for t in tensors),
-        tensor_bytes=sum(t.nbytes for t in tensors), file_bytes=os.path.getsize(out_path),
-        seconds=time.perf_counter() - t0, types=Counter(t.type.name for t in tensors),
-    )
-
-
-def convert(model_dir: str | Path, out_path: str | Path, qtype: str = "Q8_0",
+def convert(model_dir: str | Path, out_path: str | Path, qtype: str | None = None,
             progress: Progress | None = None, on_plan: Callable[[ConvertPlan], None] | None = None,
             imatrix: ImportanceMatrix | None = None) -> ConvertSummary:
     """Convert an HF checkpoint folder to one .qf (GGUF v3) file; the output appears only when complete.

@@ -84,8 +84,10 @@ def _summary(s) -> str:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--type", "--outtype", "qtype", default="Q8_0", show_default=True,
-              type=click.Choice(mix_names(), case_sensitive=False), help="Quantization type (mix) of the output.")
+@click.option("--type", "--outtype", "qtype", default=None,
+              type=click.Choice(mix_names(), case_sensitive=False),
+              help="Quantization type (mix) of the output [default: Q8_0; for a GPTQ/AWQ/FP8/compressed-tensors "
+                   "checkpoint F16 for its unquantized tensors, the quantized linears keep their payload].")
 @click.option("--imatrix", "imatrix_file", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
               help="Importance matrix (llama-imatrix output, GGUF or legacy .dat) for the quantizers.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
@@ -95,7 +97,7 @@ def main(model_dir: Path, out: Path, qtype: str, imatrix_file: str | None, quiet
     from qf.quant.imatrix import load_imatrix
 
     write_with_progress("qconvert", out, quiet, "converting",
-                        lambda **kw: convert(model_dir, out, qtype.upper(), imatrix=load_imatrix(imatrix_file)
+                        lambda **kw: convert(model_dir, out, qtype.upper() if qtype else None, imatrix=load_imatrix(imatrix_file)
                                              if imatrix_file else None, **kw))
 
 
