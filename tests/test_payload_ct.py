@@ -121,3 +121,37 @@ def test_malformed_is_convert_error(made, tmp_path, case):
     with pytest.raises(ConvertError, match=needle):
         convert(bad, out)
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+
+
+@pytest.mark.parametrize("scheme", ["w4a16_g32_asym", "w8a16_channel_sym", "fp8_block", "fp8_tensor"])
+def test_kernels_cpu_and_torch(made, tmp_path, scheme):
+    """CPU (numba) decode, batch and exact-rows paths and the torch backend's packed payload, against the
+    format's reference dequantizer."""
+    import torch
+
+    from qf.format.model_check import architecture
+    from qf.runtime.backend import CpuBackend
+    from qf.runtime.backend_torch import TorchBackend
+    from qf.runtime.hparams import hparams_from_metadata
+    from qf.runtime.weights import load_tensors, row_slices
+
+    _, qdir, _ = made(scheme)
+    out = tmp_path / "m.qf"
+    convert(qdir, out, "F32")
+    rng = np.random.default_rng(0)
+    with open_gguf(out) as f:
+        t = load_tensors(f, hparams_from_metadata(f.meta, architecture(f.meta, str(out)), str(out)), str(out))
+        cpu, tb = CpuBackend(), TorchBackend("cpu")
+        for ref in (t.layers[0].w_up, t.layers[1].w_down, *row_slices(t.layers[0].w_gate, (64, 64))):
+            w = ref.dequantize()
+            for m in (1, 5):
+                x = rng.standard_normal((m, ref.n_in)).astype(np.float32)
+                want = x.astype(np.float64) @ w.T.astype(np.float64)
+                tol = 1e-5 * np.abs(x).sum(1, keepdims=True) * np.abs(w).max()
+                for exact in (False, True):
+                    assert np.all(np.abs(cpu.linear(cpu.matrix(ref), x, exact_rows=exact) - want) <= tol)
+                y = tb.to_host(tb.linear(tb.matrix(ref), torch.from_numpy(x)))
+                assert np.all(np.abs(y - want) <= tol)
+            pm = cpu.matrix(ref)
+            x = rng.standard_normal((3, ref.n_in)).astype(np.float32)
+            assert np.array_equal(cpu.linear(pm, x, exact_rows=True)[1], cpu.linear(pm, x[1:2])[0])
