@@ -155,3 +155,17 @@ def test_kernels_cpu_and_torch(made, tmp_path, scheme):
             pm = cpu.matrix(ref)
             x = rng.standard_normal((3, ref.n_in)).astype(np.float32)
             assert np.array_equal(cpu.linear(pm, x, exact_rows=True)[1], cpu.linear(pm, x[1:2])[0])
+
+
+def test_qinspect_groups_payloads(made, tmp_path):
+    from click.testing import CliRunner
+
+    from qf.tools.qinspect import main
+
+    _, qdir, _ = made("w4a16_g32_asym")
+    out = tmp_path / "m.qf"
+    convert(qdir, out)
+    r = CliRunner().invoke(main, [str(out)])
+    assert r.exit_code == 0, r.output
+    assert "int;bits=4;group=32;sym=0;g_idx=0: 14 linear weights" in r.output
+    assert "llama.cpp cannot run this file" in r.output

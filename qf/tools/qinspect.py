@@ -15,6 +15,7 @@ from qf.format.errors import FormatError
 from qf.format.ggml_types import BLOCK, FLOAT_BITS, SCALE_FIELDS, GGMLType
 from qf.format.reader import GGUFFile, Metadata, TensorInfo, open_gguf
 from qf.format.values import GGUFValueType
+from qf.quant.formats.base import payload_entries
 
 PREVIEW_ITEMS = 4  # array elements shown before "..."
 PREVIEW_CHARS = 72  # string characters shown before "..."
@@ -109,6 +110,23 @@ def total_lines(f: GGUFFile) -> list[str]:
             "  types: " + ", ".join(f"{t} x{n}" for t, n in types.most_common())]
 
 
+def payload_lines(f: GGUFFile) -> list[str]:
+    """Payload weights (qf.payload.*) grouped by scheme: how many linears, their member bytes, and the
+    llama.cpp caveat; [] for a file of ggml types only."""
+    entries = payload_entries(f.meta, str(f.path))
+    if not entries:
+        return []
+    groups: dict[str, tuple[int, int]] = {}
+    for name, scheme in entries:
+        base = name[: -len("weight")]
+        nbytes = sum(ti.nbytes for n, ti in f.tensors.items() if n.startswith(base + "weight_")
+                     or n == base + "input_scale")
+        count, total = groups.get(scheme, (0, 0))
+        groups[scheme] = (count + 1, total + nbytes)
+    lines = [f"  {scheme}: {count} linear weights, {total:,} bytes" for scheme, (count, total) in groups.items()]
+    return lines + ["  native payloads: llama.cpp cannot run this file (it refuses the unknown tensors); qf does"]
+
+
 def report(f: GGUFFile, show_tensors: bool = True) -> str:
     """The whole printout for one file."""
     out = [f"{f.path}", f"  GGUF v{f.version}, {f.file_size:,} bytes, alignment {f.alignment}, "
@@ -117,6 +135,8 @@ def report(f: GGUFFile, show_tensors: bool = True) -> str:
            "tokenizer:", *tokenizer_lines(f.meta)]
     if show_tensors:
         out += [f"tensors ({len(f.tensors)}):", *tensor_lines(f)]
+    payloads = payload_lines(f)
+    out += ([f"payloads ({len(payloads) - 1} schemes):", *payloads] if payloads else [])
     out += ["totals:", *total_lines(f)]
     out.append("checksums: " + ("none recorded" if not f.has_checksums else
                                 "stale (recorded for another tensor table; copied by a rewriting tool)"
