@@ -17,6 +17,8 @@ import numpy as np
 SCHEMES: dict[str, tuple[dict[str, Any], str]] = {  # name -> (compressed-tensors weights args, format)
     "w4a16_g32_sym": ({"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32},
                       "pack-quantized"),
+    "w4a16_g64_sym": ({"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64},
+                      "pack-quantized"),
     "w4a16_g32_asym": ({"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 32},
                        "pack-quantized"),
     "w8a16_channel_sym": ({"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}, "pack-quantized"),
@@ -45,9 +47,10 @@ def _minmax(w: Any, a: Any) -> tuple[Any, Any]:
     return w.amin().reshape(1), w.amax().reshape(1)
 
 
-def ct_checkpoint(src: Path, out: Path, scheme: str) -> dict[str, np.ndarray]:
+def ct_checkpoint(src: Path, out: Path, scheme: str, f16_scales: bool = False) -> dict[str, np.ndarray]:
     """Quantize the checkpoint at src with compressed-tensors into out (tokenizer files copied); returns the
-    reference: every quantized module's weight as compressed-tensors decompresses it (f32 numpy)."""
+    reference: every quantized module's weight as compressed-tensors decompresses it (f32 numpy). f16_scales:
+    each scale rounded to an fp16 value (still stored as f32) before compression, as GPTQ's fp16 scales are."""
     import torch
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
@@ -66,6 +69,7 @@ def ct_checkpoint(src: Path, out: Path, scheme: str) -> dict[str, np.ndarray]:
         for _, mod in m.named_modules():
             if hasattr(mod, "weight_scale"):
                 s, z = calculate_qparams(*_minmax(mod.weight, args), args)
+                s = s.half().float() if f16_scales else s
                 mod.weight_scale.data = s.to(mod.weight_scale.dtype).reshape(mod.weight_scale.shape)
                 if hasattr(mod, "weight_zero_point"):
                     mod.weight_zero_point.data = z.to(mod.weight_zero_point.dtype).reshape(mod.weight_zero_point.shape)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,6 +17,7 @@ from qf.convert.checkpoint import INDEX_NAME, Checkpoint
 from qf.convert.hf_config import CONFIG_NAME, architecture_of, check_quantization, load_config
 from qf.convert.json_fields import Fields
 from qf.convert.quant_import import QUANT_METHODS, LinearPayload
+from qf.convert.quant_import.transcode import Decision, decide
 from qf.convert.registry import spec_for_hf, supported_hf_architectures
 from qf.convert.safetensors_io import FLOAT_DTYPES
 from qf.convert.tokenizer import TOKENIZER_FILES, tokenizer_kv
@@ -28,6 +29,7 @@ from qf.format.output_guard import refuse_input_as_output
 from qf.format.values import GGUFValueType as V
 from qf.quant.codecs import get_codec, registered_types
 from qf.quant.formats import fold_payloads, member_name, payload_kv
+from qf.quant.formats.transcode import RULES, encode_rows
 from qf.quant.imatrix import ImportanceMatrix
 from qf.quant.mixes import Mix, TensorCtx, choose_type, file_type, get_mix
 from qf.quant.tensor_plan import (  # noqa: F401  (re-exported: the planning types live in qf.quant)
@@ -48,6 +50,7 @@ class ConvertPlan:
     mix_name: str
     kv: list[KV]
     tensors: list[PlannedTensor]
+    notes: list[str] = field(default_factory=list)  # per payload scheme: what was written and why
 
     @property
     def total_bytes(self) -> int:
@@ -123,26 +126,47 @@ def _payload_names(ckpt: Checkpoint, payloads: dict[str, LinearPayload]) -> list
     return [n for n in ckpt.names() if n not in consumed] + [n for n in payloads if n not in ckpt or n in consumed]
 
 
-def _payload_members(name: str, lp: LinearPayload, heads: int | None, ckpt: Checkpoint) -> list[PlannedTensor]:
-    """The member tensors of one payload weight (output rows permuted into GGML's head order when asked)."""
+def _member_readers(lp: LinearPayload, heads: int | None, ckpt: Checkpoint) -> dict[str, Callable[[], np.ndarray]]:
+    """Each member's reader, output rows permuted into GGML's head order when asked."""
     perm = head_permutation(lp.n_out, heads) if heads else None
-    out = []
+    out = {}
     for suffix, m in lp.members.items():
         if perm is not None and m.row_block > 1 and np.any(perm // m.row_block != np.arange(lp.n_out) // m.row_block):
             raise ConvertError(f"{ckpt.dir}: tensor {lp.hf_weight!r}: its {m.row_block}-row scale blocks cannot "
                                f"follow the Q/K head permutation ({heads} heads)")
-        read = m.read if perm is None or m.row_block != 1 else (lambda r=m.read: np.ascontiguousarray(r()[perm]))
-        out.append(PlannedTensor(member_name(name, suffix), m.ne, m.type, source=lp.consumed[0], produce=read,
-                                 group=lp.scheme, payload=(name, lp.scheme)))
+        out[suffix] = m.read if perm is None or m.row_block != 1 else (
+            lambda r=m.read: np.ascontiguousarray(r()[perm]))
     return out
+
+
+def _payload_members(name: str, lp: LinearPayload, heads: int | None, ckpt: Checkpoint) -> list[PlannedTensor]:
+    """The member tensors of one payload weight."""
+    return [PlannedTensor(member_name(name, suffix), lp.members[suffix].ne, lp.members[suffix].type,
+                          source=lp.consumed[0], produce=read, group=lp.scheme, payload=(name, lp.scheme))
+            for suffix, read in _member_readers(lp, heads, ckpt).items()]
+
+
+def _transcoded(name: str, lp: LinearPayload, heads: int | None, ckpt: Checkpoint, target: GGMLType
+                ) -> PlannedTensor:
+    """One payload weight written as a ggml block type (qf.quant.formats.transcode)."""
+    rule = next(r for r in RULES if r.target == target)
+    readers = _member_readers(lp, heads, ckpt)
+
+    def produce() -> np.ndarray:
+        return encode_rows(rule, lp.scheme, {s: r() for s, r in readers.items()}, lp.n_in)
+
+    return PlannedTensor(name, (lp.n_in, lp.n_out), target, source=lp.consumed[0], produce=produce,
+                         group=f"{lp.scheme} -> {target.name}")
 
 
 def _plan_tensors(spec: ArchSpec, ckpt: Checkpoint, cfg: dict[str, Any], hp: dict[str, Any], mix: Mix,
                   where: Path, imatrix: ImportanceMatrix | None = None,
-                  payloads: dict[str, LinearPayload] | None = None) -> list[PlannedTensor]:
+                  payloads: dict[str, LinearPayload] | None = None,
+                  transcode: dict[str, GGMLType] | None = None) -> list[PlannedTensor]:
     """One PlannedTensor per output tensor, in file order (with its importance, given an imatrix); a quantized
-    linear of the checkpoint (payloads, by HF weight name) becomes its member tensors."""
-    payloads = payloads or {}
+    linear of the checkpoint (payloads, by HF weight name) becomes its member tensors, or one ggml tensor when
+    transcode names its type."""
+    payloads, transcode = payloads or {}, transcode or {}
     tied = Fields(cfg, where / CONFIG_NAME).bool("tie_word_embeddings", False) or "lm_head.weight" not in (
         set(ckpt.names()) | set(payloads))
     mapped = _map_names(spec, ckpt, tied, _payload_names(ckpt, payloads) if payloads else None)
@@ -160,8 +184,10 @@ def _plan_tensors(spec: ArchSpec, ckpt: Checkpoint, cfg: dict[str, Any], hp: dic
             if len(parts) > 1 or parts[0][0] >= 0:
                 raise ConvertError(f"{ckpt.dir}: tensor {hf!r}: quantized experts are not supported yet")
             heads_key = spec.permute.get(tensor_suffix(name))
-            for i, t in enumerate(_payload_members(name, payloads[hf], None if heads_key is None
-                                                   else int(hp[heads_key]), ckpt)):
+            heads = None if heads_key is None else int(hp[heads_key])
+            members = ([_transcoded(name, payloads[hf], heads, ckpt, transcode[hf])] if hf in transcode
+                       else _payload_members(name, payloads[hf], heads, ckpt))
+            for i, t in enumerate(members):
                 keyed.append((_order_key(t, layer, rank[template]) + (i,), t))
             continue
         shapes = {ckpt.entry(h).shape for _, h in parts}
@@ -267,10 +293,12 @@ def check_plan(spec: ArchSpec, kv: list[KV], tensors: list[PlannedTensor], where
 
 
 def plan_conversion(model_dir: str | Path, qtype: str | None, ckpt: Checkpoint | None = None,
-                    imatrix: ImportanceMatrix | None = None) -> tuple[ConvertPlan, Checkpoint]:
+                    imatrix: ImportanceMatrix | None = None, keep_payload: bool = False,
+                    transcode_lossy: bool = False) -> tuple[ConvertPlan, Checkpoint]:
     """Validate config, tensors and tokenizer; decide every key and tensor type; check the whole plan with the
     runtime's validator. Returns the open checkpoint too. qtype None: Q8_0, or F16 for the unquantized tensors
-    of a quantized checkpoint (whose quantized linears keep their payload)."""
+    of a quantized checkpoint, whose quantized linears become ggml types when every one transcodes exactly (or
+    lossily, with transcode_lossy), else keep their payload (always, with keep_payload)."""
     model_dir = Path(model_dir)
     if qtype is None:
         quantized = isinstance(load_config(model_dir).get("quantization_config"), dict)
@@ -288,7 +316,9 @@ def plan_conversion(model_dir: str | Path, qtype: str | None, ckpt: Checkpoint |
         qc = cfg.get("quantization_config")
         importer = QUANT_METHODS[qc["quant_method"]] if isinstance(qc, dict) else None
         payloads = importer.scan(ckpt, qc, cfg_path) if importer is not None else {}
-        tensors = _plan_tensors(spec, ckpt, cfg, _config_ints(hparams), mix, model_dir, imatrix, payloads)
+        decision = decide(payloads, keep_payload, transcode_lossy)
+        tensors = _plan_tensors(spec, ckpt, cfg, _config_ints(hparams), mix, model_dir, imatrix, payloads,
+                                decision.targets)
         tok = tokenizer_kv(model_dir, cfg, _vocab_rows(tensors, cfg, model_dir))
         _check_vocab(tensors, tok, model_dir)
         name = Fields(cfg, cfg_path).str("_name_or_path", None) or model_dir.resolve().name
@@ -296,7 +326,7 @@ def plan_conversion(model_dir: str | Path, qtype: str | None, ckpt: Checkpoint |
             ("general.architecture", spec.gguf_arch, V.STRING),
             ("general.type", "model", V.STRING),
             ("general.name", name.rstrip("/").rsplit("/", 1)[-1], V.STRING),
-            ("general.file_type", file_type(qtype), V.UINT32),
+            ("general.file_type", _file_type(qtype, decision), V.UINT32),
             ("general.quantization_version", QUANTIZATION_VERSION, V.UINT32),
         ]
         written = list(dict.fromkeys(t.payload for t in tensors if t.payload is not None))
@@ -306,7 +336,13 @@ def plan_conversion(model_dir: str | Path, qtype: str | None, ckpt: Checkpoint |
     except BaseException:
         ckpt.close()
         raise
-    return ConvertPlan(spec, qtype.upper(), kv, tensors), ckpt
+    return ConvertPlan(spec, qtype.upper(), kv, tensors, decision.notes), ckpt
+
+
+def _file_type(qtype: str, decision: Decision) -> int:
+    """general.file_type: the transcoded linears' type when there is one, else the --type mix's."""
+    targets = set(decision.targets.values())
+    return file_type(targets.pop().name) if len(targets) == 1 else file_type(qtype)
 
 
 def input_files(model_dir: Path, ckpt: Checkpoint) -> list[Path]:
@@ -368,13 +404,16 @@ def write_plan(plan: ConvertPlan, ckpt: Checkpoint, out_path: str | Path, progre
 
 def convert(model_dir: str | Path, out_path: str | Path, qtype: str | None = None,
             progress: Progress | None = None, on_plan: Callable[[ConvertPlan], None] | None = None,
-            imatrix: ImportanceMatrix | None = None) -> ConvertSummary:
+            imatrix: ImportanceMatrix | None = None, keep_payload: bool = False,
+            transcode_lossy: bool = False) -> ConvertSummary:
     """Convert an HF checkpoint folder to one .qf (GGUF v3) file; the output appears only when complete.
 
     imatrix (qf.quant.imatrix.load_imatrix) weights the quantizers by column importance, as llama-quantize
-    --imatrix does (it names weights by their GGUF names, which is what the file holds)."""
+    --imatrix does (it names weights by their GGUF names, which is what the file holds). keep_payload /
+    transcode_lossy: see plan_conversion."""
     t0 = time.perf_counter()
-    plan, ckpt = plan_conversion(model_dir, qtype, imatrix=imatrix)
+    plan, ckpt = plan_conversion(model_dir, qtype, imatrix=imatrix, keep_payload=keep_payload,
+                                 transcode_lossy=transcode_lossy)
     try:
         extra = [imatrix.path] if imatrix is not None else []
         refuse_input_as_output(out_path, input_files(Path(model_dir), ckpt) + extra, ConvertError)
@@ -383,4 +422,4 @@ def convert(model_dir: str | Path, out_path: str | Path, qtype: str | None = Non
         write_plan(plan, ckpt, out_path, progress)
     finally:
         ckpt.close()
-    return summarize(out_path, plan.tensors, t0)
+    return summarize(out_path, plan.tensors, t0, plan.notes)

@@ -77,8 +77,9 @@ def write_with_progress(tool: str, out: Path, quiet: bool, label: str, run: Call
 def _summary(s) -> str:
     """Human summary: tensors, bytes, bits per weight, time, types used."""
     types = ", ".join(f"{k} x{v}" for k, v in sorted(s.types.items()))
+    notes = "".join(f"\n  {n}" for n in getattr(s, "notes", ()))
     return (f"wrote {s.path}: {s.n_tensors} tensors, {s.n_params:,} weights, {s.file_bytes / 2**20:.1f} MiB, "
-            f"{s.bits_per_weight:.2f} bits/weight, {s.seconds:.1f} s\n  types: {types}")
+            f"{s.bits_per_weight:.2f} bits/weight, {s.seconds:.1f} s\n  types: {types}{notes}")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -87,18 +88,26 @@ def _summary(s) -> str:
 @click.option("--type", "--outtype", "qtype", default=None,
               type=click.Choice(mix_names(), case_sensitive=False),
               help="Quantization type (mix) of the output [default: Q8_0; for a GPTQ/AWQ/FP8/compressed-tensors "
-                   "checkpoint F16 for its unquantized tensors, the quantized linears keep their payload].")
+                   "checkpoint F16 for its unquantized tensors; its quantized linears become Q4_0/Q8_0 where that is "
+                   "exact for every one of them, else keep their payload].")
 @click.option("--imatrix", "imatrix_file", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
               help="Importance matrix (llama-imatrix output, GGUF or legacy .dat) for the quantizers.")
+@click.option("--keep-payload", is_flag=True,
+              help="Keep a quantized checkpoint's payloads native even where a ggml type holds them exactly.")
+@click.option("--transcode-lossy", is_flag=True,
+              help="Also write asymmetric 4-bit payloads as Q4_1 (not exact: the min is rounded to fp16; the "
+                   "summary prints the worst error).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def main(model_dir: Path, out: Path, qtype: str, imatrix_file: str | None, quiet: bool) -> None:
+def main(model_dir: Path, out: Path, qtype: str, imatrix_file: str | None, keep_payload: bool,
+         transcode_lossy: bool, quiet: bool) -> None:
     """Convert the Hugging Face checkpoint in MODEL_DIR to one .qf file OUT (written atomically)."""
     from qf.convert.pipeline import convert  # late: keeps --help fast
     from qf.quant.imatrix import load_imatrix
 
     write_with_progress("qconvert", out, quiet, "converting",
-                        lambda **kw: convert(model_dir, out, qtype.upper() if qtype else None, imatrix=load_imatrix(imatrix_file)
-                                             if imatrix_file else None, **kw))
+                        lambda **kw: convert(model_dir, out, qtype.upper() if qtype else None,
+                                             imatrix=load_imatrix(imatrix_file) if imatrix_file else None,
+                                             keep_payload=keep_payload, transcode_lossy=transcode_lossy, **kw))
 
 
 if __name__ == "__main__":
