@@ -110,10 +110,10 @@ def test_matmul_token_counts(t: GGMLType) -> None:
     m = cpu.QMatrix(t, data, n_in, n_out)
     x = rng.standard_normal((17, n_in)).astype(np.float32)
     for n_tok in (1, 2, 3, 4, 5, 8, 11, 17):
-        y = cpu.matmul(m, x[:n_tok])
+        y = cpu.matmul(m, x[:n_tok], int8=False)  # the f32 paths (the integer one: test_h4_int8.py)
         _check_dot(y, w, x[:n_tok])
     # Sums are never reordered: a token's result does not depend on the batch it came in.
-    y = cpu.matmul(m, x)
+    y = cpu.matmul(m, x, blas=False)
     for i in (1, 5, 16):
         assert np.array_equal(y[i], cpu.matmul(m, x[i:i + 1])[0])
         assert np.array_equal(y[i], cpu.matmul(m, x[i - 1:i + 2])[1])
@@ -136,8 +136,8 @@ def test_matmul_blas_tiles(t: GGMLType) -> None:
                 y = cpu.matmul(m, x, blas=True)
                 _check_dot(y, w, x)
                 _check_dot(cpu.matmul(m, x[:2], blas=True), w, x[:2])
-                if cpu.BLAS_MIN_TOKENS is not None:  # the default picks this path at this M
-                    assert np.array_equal(cpu.matmul(m, x), y)
+                if cpu.BLAS_MIN_TOKENS is not None:  # without the integer path, the default picks this one
+                    assert np.array_equal(cpu.matmul(m, x, int8=False), y)
     finally:
         cpu.set_threads(before)
 
@@ -154,6 +154,7 @@ def test_matmul_without_blas_falls_back_to_the_fused_kernel(monkeypatch) -> None
     _check_dot(fused, w, x)
     monkeypatch.setattr(cpu_blas, "SGEMM", None)
     monkeypatch.setattr(cpu, "BLAS_MIN_TOKENS", None)
+    monkeypatch.setattr(cpu, "INT8_MIN_TOKENS", None)
     assert np.array_equal(cpu.matmul(m, x), fused)
     assert np.array_equal(cpu.matmul(m, x, blas=True), fused)
 
@@ -284,7 +285,12 @@ def _check_real_tensor(f, name: str, rng: np.random.Generator, n_rows: int | Non
     _check_dot(cpu.matvec(m, x[0]), w, x[0])
     _check_dot(cpu.matmul(m, x), w, x)
     xb = rng.standard_normal((48, n_in)).astype(np.float32)
-    _check_dot(cpu.matmul(m, xb), w, xb)  # the decoded-tiles + BLAS path
+    _check_dot(cpu.matmul(m, xb, blas=True), w, xb)  # the decoded-tiles + BLAS path
+    if ti.type in cpu.int8_types():  # the integer path: against the f64 product of what it reads
+        from test_h4_int8 import _check_q8_matmul
+
+        xq = cpu.quantize_q8(xb)
+        _check_q8_matmul(cpu.matmul(m, xb, int8=True), m, xq)
     ids = rng.integers(0, n_out, 6)
     _check_rows(cpu.get_rows(m, ids), w[ids])
 

@@ -25,13 +25,28 @@ import numpy as np
 
 from qf.format.errors import QFError
 from qf.format.ggml_types import GGMLType, row_bytes
-from qf.runtime.kernels import cpu_blas
+from qf.runtime.kernels import cpu_blas, cpu_int8
 from qf.runtime.kernels.cpu_drivers import (DECODERS, Kind, matmul_items, matmul_kernel, matmul_tiles_kernel,
                                             matvec_kernel, rows_kernel, tile_rows)
+from qf.runtime.kernels.cpu_idecode import IDECODERS
+from qf.runtime.kernels.cpu_isimd import LO_BITS, NATIVE_ISAS, Isa, best_isa
 
 # matmul: batches of at least this many tokens go through decoded tiles + BLAS (measured crossover on
 # SmolLM2 shapes, 2 threads: the fused kernel wins below 32-48 tokens); None: always the fused kernel.
 BLAS_MIN_TOKENS: int | None = 48 if cpu_blas.SGEMM is not None else None
+
+# How the integer dot product is emitted on this host (AVX-512 VNNI, AVX-VNNI or portable IR).
+ISA: Isa = best_isa()
+
+# matmul: batches of at least this many tokens of a quantized type go through 8-bit activations and integer
+# dot products (cpu_int8.py) when the host has a native integer dot; None: never by default. The measured
+# crossover with the fused kernel is 4-8 tokens (two parts, SmolLM2 shapes; 16 tokens: 2.4x); below 16 the
+# f32 sums are kept (short prompts, tiny test models compared with f32 references).
+INT8_MIN_TOKENS: int | None = 16 if ISA.name in NATIVE_ISAS else None
+
+# 8-bit parts per activation on the integer path: 2 (about 15 bits: whole-model KLD against the f32 paths
+# ~5e-7 on SmolLM2) or 1 (ggml's Q8_0, as llama.cpp: twice the speed, KLD ~4e-3).
+INT8_PARTS: int = 2
 
 # ggml type -> compile-time tag of its decoders (the dispatch registry).
 _KINDS: dict[GGMLType, Kind] = {t: Kind(t) for t in DECODERS}
@@ -133,20 +148,28 @@ def matvec(w: QMatrix, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarr
     return y
 
 
-def matmul(w: QMatrix, x: np.ndarray, out: np.ndarray | None = None, *, blas: bool | None = None) -> np.ndarray:
+def matmul(w: QMatrix, x: np.ndarray, out: np.ndarray | None = None, *, blas: bool | None = None,
+           int8: bool | None = None) -> np.ndarray:
     """x @ w.T: x f32 [M, n_in] -> f32 [M, n_out] (prefill).
 
-    blas=None picks by M: below BLAS_MIN_TOKENS the fused kernel (each block decoded once per 4 tokens; row i
-    of the result depends on x[i] only, bit for bit, whatever M and the thread count), from it on decoded
-    tiles + BLAS (faster; its sums are BLAS's, so rows can differ in the last bits from the fused kernel's).
-    blas=True/False forces a path (True falls back to the fused kernel when no BLAS was found). For M = 1
-    prefer matvec (a quarter of the work; it sums in another order, so results differ in the last bits).
+    Paths: the fused kernel (each block decoded once per 4 tokens; row i of the result depends on x[i] only,
+    bit for bit, whatever M and the thread count), decoded tiles + BLAS (f32 sums in BLAS's order), and
+    8-bit activations with integer dot products (`matmul_q8`: activations rounded to 8 bits per 32 values,
+    as llama.cpp does; the fastest for quantized weights). blas=None and int8=None pick by M and type: int8
+    from INT8_MIN_TOKENS for the types in `int8_types()`, else tiles from BLAS_MIN_TOKENS, else fused.
+    blas=False forces the fused kernel (exact rows: a row gives what matvec's sums give alone, M = 1 aside),
+    blas=True the tiles (the fused kernel when no BLAS was found), int8=True the integer path.
+    For M = 1 prefer matvec (a quarter of the work; it sums in another order, so results differ in the last bits).
     """
     x = _activations(x, w.n_in, 2)
     y = _output(out, (x.shape[0], w.n_out))
     n_tok = x.shape[0]
     if not n_tok:
         return y
+    if int8 is None:
+        int8 = blas is None and INT8_MIN_TOKENS is not None and n_tok >= INT8_MIN_TOKENS and w.type in IDECODERS
+    if int8:
+        return matmul_q8(w, quantize_q8(x), y)
     n_threads = numba.get_num_threads()
     if blas is None:
         blas = BLAS_MIN_TOKENS is not None and n_tok >= BLAS_MIN_TOKENS
@@ -158,6 +181,101 @@ def matmul(w: QMatrix, x: np.ndarray, out: np.ndarray | None = None, *, blas: bo
     else:
         matmul_kernel(w.kind, w.data, x, y, matmul_items(w.n_out, n_threads))
     return y
+
+
+def int8_types() -> list[GGMLType]:
+    """ggml types the integer (8-bit activation) matmul computes on."""
+    return sorted(IDECODERS)
+
+
+@dataclass(frozen=True, eq=False)
+class Q8Activations:
+    """Activations x [M, n_in] in 8-bit parts per block of 32 values (cpu_int8.py).
+
+    parts = 1: ggml's Q8_0, x ~ d * q, q = planes (int8 [M, n_in]). parts = 2: planes int8 [2, M, n_in],
+    x ~ d * (2^LO_BITS * planes[0] + planes[1]): the second part rounds the first one's remainder (about
+    15 bits in all). d f32 [M, n_in / 32]; s16 / s32 f32 [M, n_in / 16 or 32]: d * the integer sums per 16 / 32.
+    """
+
+    planes: np.ndarray
+    d: np.ndarray
+    s16: np.ndarray
+    s32: np.ndarray
+
+    @property
+    def parts(self) -> int:
+        """1 or 2 8-bit parts per value."""
+        return 2 if self.planes.ndim == 3 else 1
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(M, n_in)."""
+        return self.planes.shape[-2:]
+
+    def integers(self) -> np.ndarray:
+        """The integer value of each activation (x ~ d * this), int32 [M, n_in]."""
+        if self.parts == 1:
+            return self.planes.astype(np.int32)
+        return (self.planes[0].astype(np.int32) << LO_BITS) + self.planes[1]
+
+    def dequantize(self) -> np.ndarray:
+        """d * integers as f64 [M, n_in], exactly: the activations the integer matmul multiplies."""
+        m, n = self.shape
+        return (self.integers().reshape(m, -1, 32) * self.d[:, :, None].astype(np.float64)).reshape(m, n)
+
+
+def quantize_q8(x: np.ndarray, parts: int | None = None) -> Q8Activations:
+    """x f32 [M, n_in] (n_in a multiple of 32) -> 8-bit parts (default INT8_PARTS), once per matmul."""
+    parts = INT8_PARTS if parts is None else int(parts)
+    if parts not in (1, 2):
+        raise KernelError(f"activations are quantized in 1 or 2 8-bit parts; got {parts}")
+    x = np.asarray(x)
+    if x.ndim != 2 or x.shape[1] % 32:
+        raise KernelError(f"activations to quantize must be [M, n_in] with n_in a multiple of 32; got {x.shape}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    m, n = x.shape
+    planes = np.empty((m, n) if parts == 1 else (2, m, n), np.int8)
+    xq = Q8Activations(planes, np.empty((m, n // 32), _F32), np.empty((m, n // 16), _F32), np.empty((m, n // 32), _F32))
+    if m:
+        cpu_int8.quantize_kernel(ISA, x, planes, xq.d, xq.s16, xq.s32)
+    return xq
+
+
+def matmul_q8(w: QMatrix, xq: Q8Activations, out: np.ndarray | None = None, *, isa: Isa | None = None) -> np.ndarray:
+    """xq @ w.T with integer dot products: -> f32 [M, n_out]; isa picks the instruction set (default ISA)."""
+    if w.type not in IDECODERS:
+        names = ", ".join(t.name for t in int8_types())
+        raise KernelError(f"no integer matmul for {w.type.name}; supported: {names}")
+    if xq.shape[1] != w.n_in:
+        raise KernelError(f"quantized activations have n_in={xq.shape[1]}; the weight needs {w.n_in}")
+    y = _output(out, (xq.shape[0], w.n_out))
+    if not xq.shape[0]:
+        return y
+    n_items = max(1, min(numba.get_num_threads(), -(-w.n_out // cpu_int8.PANEL)))
+    subs = IDECODERS[w.type].subs
+    qbuf = _aligned_u8(n_items, w.n_in * cpu_int8.PANEL)
+    fbuf = np.empty((n_items, 2, subs * w.n_in // 2), _F32)
+    cpu_int8.matmul_kernel(w.kind, isa or ISA, w.data, xq.planes, xq.d, xq.s16, xq.s32, y, qbuf, fbuf)
+    return y
+
+
+def _aligned_u8(rows: int, cols: int) -> np.ndarray:
+    """A u8 [rows, cols] scratch whose rows start on 64-byte boundaries (cols a multiple of 64)."""
+    raw = np.empty(rows * cols + 64, np.uint8)
+    skip = -raw.ctypes.data % 64
+    return raw[skip:skip + rows * cols].reshape(rows, cols)
+
+
+def unpack_int8(w: QMatrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """w as the integer matmul reads it: (q u8 [n_out, n_in], s, m f32 [n_out, sub-blocks]), w = s * q + m."""
+    if w.type not in IDECODERS:
+        raise KernelError(f"no integer matmul for {w.type.name}")
+    per = 32 // IDECODERS[w.type].subs
+    q = np.empty((w.n_out, w.n_in), np.uint8)
+    s = np.empty((w.n_out, w.n_in // per), _F32)
+    m = np.empty_like(s)
+    cpu_int8.unpack_kernel(w.kind, w.data, q, s, m)
+    return q, s, m
 
 
 _LOCAL = threading.local()
@@ -201,5 +319,5 @@ def get_threads() -> int:
     return numba.get_num_threads()
 
 
-__all__ = ["KernelError", "QMatrix", "get_rows", "get_threads", "matmul", "matvec",
-           "set_threads", "supported_types"]
+__all__ = ["KernelError", "Q8Activations", "QMatrix", "get_rows", "get_threads", "int8_types", "matmul",
+           "matmul_q8", "matvec", "quantize_q8", "set_threads", "supported_types", "unpack_int8"]

@@ -33,7 +33,8 @@ TILE_ROWS = 128  # ... and at most this many rows (measured: 64-128 best on Smol
 # ggml type -> its decoders: the registry every driver specialises on.
 DECODERS: dict[GGMLType, Decoder] = {**cpu_float.DECODERS, **cpu_legacy.DECODERS, **cpu_kquants.DECODERS}
 
-_DECODER_MODULES = ("cpu_simd.py", "cpu_decoder.py", "cpu_float.py", "cpu_legacy.py", "cpu_kquants.py", "cpu_blas.py")
+_DECODER_MODULES = ("cpu_simd.py", "cpu_decoder.py", "cpu_float.py", "cpu_legacy.py", "cpu_kquants.py", "cpu_blas.py",
+                    "cpu_isimd.py", "cpu_idecode.py")
 
 
 def _source_stamp() -> str:

@@ -1,0 +1,303 @@
+"""Integer prefill: activations quantized once per matmul to 8 bits, weights read as unsigned 8-bit panels.
+
+The algorithm (llama.cpp's for its Q8_0 / Q8_K activations, in a layout of our own):
+
+1. `quantize_kernel`: each token's activations, per 32 values, become Q8_0 blocks as ggml makes them:
+   qa = round(x * 127 / amax) (int8), da = amax / 127 (f32), plus da * sum(qa) per 16 and per 32 values.
+2. `matmul_kernel`: the weight rows are cut into panels of 16 rows; each thread decodes its panels one
+   at a time (cpu_idecode.py: unsigned quants q, scale s and offset m per sub-block) into a per-thread
+   scratch of n_in * 16 bytes, transposed so that one 64-byte slice holds 4 consecutive quants of each of the
+   16 rows. Then, for 4 tokens at a time, each unit of 32 weights costs 8 integer dot products (`idot`:
+   one `vpdpbusd` per slice with AVX-512 VNNI, the token's 4 activation bytes broadcast to the 16 rows) and
+   a few f32 lane operations: acc += f32(dot) * s * da + m * (da * sum qa). A lane of the accumulator is one
+   output row; the 16 rows of a token are stored as one vector.
+
+Weights are never copied beyond a panel (the mmap stays the only copy): the decode is repeated per matmul,
+once per 16 rows, and is amortised over the tokens (M >= INT8_MIN_TOKENS in cpu.py).
+
+Each output depends on its own token's activations only, and is summed in one fixed order (units in
+order, the integer part exactly): results do not depend on M, on the thread count or on the token's
+position in its group of 4.
+"""
+
+from __future__ import annotations
+
+from numba import njit, prange
+from numba.extending import overload
+
+from qf.format.ggml_types import GGMLType
+from qf.runtime.kernels.cpu_decoder import FASTMATH
+from qf.runtime.kernels.cpu_idecode import IDECODERS, IntDecoder
+from qf.runtime.kernels.cpu_isimd import (LO_BITS, iadd, icvt, idot, ishl, izero, panel_transpose, q8_block, q8x2_block, q_store,
+                                          vget, wload)
+from qf.runtime.kernels.cpu_simd import vfma, vload, vmul, vsplat, vstore, vzero
+
+PANEL = 16  # weight rows per panel (= f32 lanes of an accumulator)
+UNIT = 32  # weights per unit (= activation block)
+UNIT_BYTES = PANEL * UNIT  # bytes of one unit of a panel
+TOKENS = 4  # tokens sharing each decoded slice in registers
+
+
+# ------------------------------------------------------------------ per-kind dispatch (compile time)
+
+def ihead(kind, row, b):
+    """Decoded scales of block b (the f32 decoders' head)."""
+
+
+def iquants(kind, row, b, j, h):
+    """Unsigned quants of unit j of block b, as q8x32."""
+
+
+def iscales(kind, h, j):
+    """(s0, m0, s1, m1) of unit j."""
+
+
+def iunits_per_block(kind):
+    """Units per block (a compile-time constant)."""
+
+
+def isubs(kind):
+    """Sub-blocks per unit: 1 (one scale per 32 weights) or 2 (per 16)."""
+
+
+def _idecoder(kind) -> IntDecoder:
+    """The integer decoder of a kind's type."""
+    return IDECODERS[GGMLType(kind.qtype)]
+
+
+@overload(ihead, inline="always")
+def _ov_ihead(kind, row, b):
+    fn = _idecoder(kind).head
+    return lambda kind, row, b: fn(row, b)
+
+
+@overload(iquants, inline="always")
+def _ov_iquants(kind, row, b, j, h):
+    fn = _idecoder(kind).quants
+    return lambda kind, row, b, j, h: fn(row, b, j, h)
+
+
+@overload(iscales, inline="always")
+def _ov_iscales(kind, h, j):
+    fn = _idecoder(kind).scales
+    return lambda kind, h, j: fn(h, j)
+
+
+@overload(iunits_per_block, inline="always")
+def _ov_iunits_per_block(kind):
+    n = _idecoder(kind).units_per_block
+    return lambda kind: n
+
+
+@overload(isubs, inline="always")
+def _ov_isubs(kind):
+    n = _idecoder(kind).subs
+    return lambda kind: n
+
+
+# ------------------------------------------------------------------ activations
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def quantize_kernel(isa, x, qx, dx, sx16, sx32):
+    """x f32 [M, n_in] -> qx int8 [M, n_in] (one part) or [2, M, n_in] (two: x ~ dx (2^LO_BITS q0 + q1)),
+    dx [M, n_in / 32], sx16 / sx32 = dx * (sum of the integer values) per 16 / 32; isa: the source-stamped
+    tag (keeps numba's cache fresh)."""
+    n_in = x.shape[1]
+    for t in prange(x.shape[0]):
+        for u in range(n_in // UNIT):
+            i = t * n_in + UNIT * u
+            if qx.ndim == 3:
+                d, s0, s1 = q8x2_block(x, i, qx[0], i, qx[1])
+            else:
+                d, s0, s1 = q8_block(x, i, qx, i)
+            dx[t, u] = d
+            sx16[t, 2 * u] = d * s0
+            sx16[t, 2 * u + 1] = d * s1
+            sx32[t, u] = d * (s0 + s1)
+
+
+# ------------------------------------------------------------------ weight panels
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def _build_panel(kind, w, r0, buf, sc, mn):
+    """Rows r0 .. r0 + 15 of w (past the end: the last row again) -> buf in slice layout, sc / mn [sub, 16]."""
+    n_out = w.shape[0]
+    upb = iunits_per_block(kind)
+    nsub = isubs(kind)
+    n_units = buf.shape[0] // UNIT_BYTES
+    for i in range(PANEL):
+        row = w[min(r0 + i, n_out - 1)]
+        for b in range(n_units // upb):
+            h = ihead(kind, row, b)
+            for j in range(upb):
+                u = b * upb + j
+                q_store(buf, UNIT_BYTES * u + UNIT * i, iquants(kind, row, b, j, h))
+                s0, m0, s1, m1 = iscales(kind, h, j)
+                k = nsub * u * PANEL + i
+                sc[k] = s0
+                mn[k] = m0
+                if nsub == 2:
+                    sc[k + PANEL] = s1
+                    mn[k + PANEL] = m1
+    for u in range(n_units):
+        panel_transpose(buf, UNIT_BYTES * u)
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def unpack_kernel(kind, w, q, s, m):
+    """Every row as integers: q u8 [n_out, n_in], s / m f32 [n_out, sub-blocks] (tests and tools)."""
+    upb = iunits_per_block(kind)
+    nsub = isubs(kind)
+    n_units = q.shape[1] // UNIT
+    for r in prange(w.shape[0]):
+        row = w[r]
+        for b in range(n_units // upb):
+            h = ihead(kind, row, b)
+            for j in range(upb):
+                u = b * upb + j
+                q_store(q[r], UNIT * u, iquants(kind, row, b, j, h))
+                s0, m0, s1, m1 = iscales(kind, h, j)
+                s[r, nsub * u] = s0
+                m[r, nsub * u] = m0
+                if nsub == 2:
+                    s[r, 2 * u + 1] = s1
+                    m[r, 2 * u + 1] = m1
+
+
+# ------------------------------------------------------------------ the dot products of one token
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def _dot4(isa, i, w0, w1, w2, w3, qx, a):
+    """i + the dot products of 4 panel slices with the activation bytes a .. a + 15 (flat index of qx)."""
+    i = idot(isa, i, w0, qx, a)
+    i = idot(isa, i, w1, qx, a + 4)
+    i = idot(isa, i, w2, qx, a + 8)
+    return idot(isa, i, w3, qx, a + 12)
+
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def _dot16(isa, w0, w1, w2, w3, qx, a, plane):
+    """Integer dot of 16 weights (4 slices) with the token's activations at flat index a; with two parts,
+    2^LO_BITS * (first part) + second part (plane: flat offset of the second part; two independent chains)."""
+    i = _dot4(isa, izero(), w0, w1, w2, w3, qx, a)
+    if qx.ndim == 3:
+        i = iadd(ishl(i, LO_BITS), _dot4(isa, izero(), w0, w1, w2, w3, qx, a + plane))
+    return i
+
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def _dot32(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, a, plane):
+    """Integer dot of a 32-weight unit (8 slices), as _dot16."""
+    i = _dot4(isa, _dot4(isa, izero(), w0, w1, w2, w3, qx, a), w4, w5, w6, w7, qx, a + 16)
+    if qx.ndim == 3:
+        lo = _dot4(isa, _dot4(isa, izero(), w0, w1, w2, w3, qx, a + plane), w4, w5, w6, w7, qx, a + plane + 16)
+        i = iadd(ishl(i, LO_BITS), lo)
+    return i
+
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def _unit1(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, a, plane, s, m, d, sx, acc):
+    """acc + one 32-weight unit of one token (one scale per unit); a: flat index of its activations."""
+    i = _dot32(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, a, plane)
+    acc = vfma(icvt(i), vmul(s, vsplat(d)), acc)
+    return vfma(m, vsplat(sx), acc)
+
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def _unit2(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, a, plane, s0, s1, m0, m1, d, sx0, sx1, acc):
+    """acc + one unit of one token whose two 16-weight halves have their own scales and offsets."""
+    lo = _dot16(isa, w0, w1, w2, w3, qx, a, plane)
+    hi = _dot16(isa, w4, w5, w6, w7, qx, a + 16, plane)
+    vd = vsplat(d)
+    acc = vfma(icvt(lo), vmul(s0, vd), acc)
+    acc = vfma(icvt(hi), vmul(s1, vd), acc)
+    acc = vfma(m0, vsplat(sx0), acc)
+    return vfma(m1, vsplat(sx1), acc)
+
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def _store(out, t, r0, f):
+    """out[t, r0 : r0 + 16] = f (fewer lanes at the end of a row)."""
+    n_out = out.shape[1]
+    if r0 + PANEL <= n_out:
+        vstore(out, t * n_out + r0, f)
+    else:
+        for i in range(n_out - r0):
+            out[t, r0 + i] = vget(f, i)
+
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def _tile(kind, isa, buf, sc, mn, qx, dx, sx16, sx32, out, t, r0):
+    """Tokens t .. t + 3 (past the end: the last token again, not stored) against the decoded panel."""
+    n_tok = qx.shape[-2]
+    n_in = qx.shape[-1]
+    plane = n_tok * n_in
+    nsub = isubs(kind)
+    t0 = t
+    t1 = min(t + 1, n_tok - 1)
+    t2 = min(t + 2, n_tok - 1)
+    t3 = min(t + 3, n_tok - 1)
+    f0 = vzero()
+    f1 = vzero()
+    f2 = vzero()
+    f3 = vzero()
+    for u in range(n_in // UNIT):
+        p = UNIT_BYTES * u
+        w0 = wload(buf, p)
+        w1 = wload(buf, p + 64)
+        w2 = wload(buf, p + 128)
+        w3 = wload(buf, p + 192)
+        w4 = wload(buf, p + 256)
+        w5 = wload(buf, p + 320)
+        w6 = wload(buf, p + 384)
+        w7 = wload(buf, p + 448)
+        a = UNIT * u
+        if nsub == 1:
+            s = vload(sc, PANEL * u)
+            m = vload(mn, PANEL * u)
+            f0 = _unit1(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, t0 * n_in + a, plane, s, m, dx[t0, u], sx32[t0, u], f0)
+            f1 = _unit1(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, t1 * n_in + a, plane, s, m, dx[t1, u], sx32[t1, u], f1)
+            f2 = _unit1(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, t2 * n_in + a, plane, s, m, dx[t2, u], sx32[t2, u], f2)
+            f3 = _unit1(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, t3 * n_in + a, plane, s, m, dx[t3, u], sx32[t3, u], f3)
+        else:
+            k = 2 * PANEL * u
+            s0 = vload(sc, k)
+            s1 = vload(sc, k + PANEL)
+            m0 = vload(mn, k)
+            m1 = vload(mn, k + PANEL)
+            f0 = _unit2(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, t0 * n_in + a, plane, s0, s1, m0, m1, dx[t0, u],
+                        sx16[t0, 2 * u], sx16[t0, 2 * u + 1], f0)
+            f1 = _unit2(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, t1 * n_in + a, plane, s0, s1, m0, m1, dx[t1, u],
+                        sx16[t1, 2 * u], sx16[t1, 2 * u + 1], f1)
+            f2 = _unit2(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, t2 * n_in + a, plane, s0, s1, m0, m1, dx[t2, u],
+                        sx16[t2, 2 * u], sx16[t2, 2 * u + 1], f2)
+            f3 = _unit2(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, t3 * n_in + a, plane, s0, s1, m0, m1, dx[t3, u],
+                        sx16[t3, 2 * u], sx16[t3, 2 * u + 1], f3)
+    _store(out, t0, r0, f0)
+    if t + 1 < n_tok:
+        _store(out, t1, r0, f1)
+    if t + 2 < n_tok:
+        _store(out, t2, r0, f2)
+    if t + 3 < n_tok:
+        _store(out, t3, r0, f3)
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def matmul_kernel(kind, isa, w, qx, dx, sx16, sx32, out, qbuf, fbuf):
+    """out = x @ w.T from quantized activations; qbuf u8 [items, n_in * 16], fbuf f32 [items, 2, subs * n_in / 2].
+
+    Work item c owns an even share of the panels (16 rows each) and decodes them into qbuf[c] / fbuf[c].
+    """
+    n_items = qbuf.shape[0]
+    n_tok = qx.shape[-2]
+    n_panels = (w.shape[0] + PANEL - 1) // PANEL
+    per = (n_panels + n_items - 1) // n_items
+    for c in prange(n_items):
+        buf = qbuf[c]
+        sc = fbuf[c, 0]
+        mn = fbuf[c, 1]
+        for p in range(c * per, min(n_panels, (c + 1) * per)):
+            r0 = PANEL * p
+            _build_panel(kind, w, r0, buf, sc, mn)
+            for t in range(0, n_tok, TOKENS):
+                _tile(kind, isa, buf, sc, mn, qx, dx, sx16, sx32, out, t, r0)
