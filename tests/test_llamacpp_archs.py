@@ -43,8 +43,16 @@ def llamacpp_run(path: Path, ids: list[int], n: int) -> tuple[list[int], np.ndar
     return out, last
 
 
+# llama.cpp 0.3.36 and transformers disagree on this LongRoPE case (partial rotary, short factors, attention
+# factor 1.155): on our file llama.cpp's last-position logits differ from transformers' by 0.07, while ours
+# match transformers within 1e-4 (test_arch_tiny). llama.cpp's own converter cannot make a reference file
+# here (its Phi-3 converter needs a SentencePiece tokenizer.model), so which side llama.cpp errs on is open.
+KNOWN_DIFFERENT = {"phi3-longrope": "llama.cpp 0.3.36 differs from transformers by 0.07 logits on LongRoPE"}
+
+
 @pytest.mark.parametrize("qtype", ["F32", "F16"])
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.xfail(reason=KNOWN_DIFFERENT[c], strict=True))
+                                  if c in KNOWN_DIFFERENT else c for c in CASES])
 def test_llamacpp_greedy_equals_ours(case: str, qtype: str, tmp_path: Path, tiny_bpe_json: dict[str, Any]) -> None:
     hf = build_hf(case, tmp_path / "hf", tiny_bpe_json)
     path = tmp_path / f"{case}.gguf"
@@ -56,3 +64,4 @@ def test_llamacpp_greedy_equals_ours(case: str, qtype: str, tmp_path: Path, tiny
     diff = float(np.abs(our_last - their_last).max())
     print(f"{case} {qtype}: max |logit diff| at the last prompt position {diff:.2e}; tokens {theirs}")
     assert ours == theirs, (case, qtype, ours, theirs, diff)
+
