@@ -50,7 +50,10 @@ def check_quantization(cfg: dict[str, Any], path: Path) -> None:
     if method not in QUANT_METHODS:
         raise ConvertError(f"{path}: unsupported quantization_config quant_method {method!r}{detail}; "
                            f"supported: {supported}")
-    QUANT_METHODS[method].check(qc, path)
+    try:
+        QUANT_METHODS[method].check(qc, path)
+    except ConvertError as e:  # the importer's reason, then what is read at all
+        raise ConvertError(f"{e}; supported: {supported}") from None
 
 
 def require_keys(cfg: dict[str, Any], keys: Iterable[str], arch: str, path: Path) -> None:

@@ -57,6 +57,16 @@ def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
     return codes.reshape(u.shape[0], -1).astype(np.uint8)
 
 
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """codes uint8 [rows, n] (n * bits a multiple of 32) -> int32 words [rows, n * bits / 32], low bits first."""
+    per = WORD_BITS // bits
+    c = codes.astype(np.uint32).reshape(codes.shape[0], -1, per)
+    words = np.zeros(c.shape[:2], np.uint32)
+    for k in range(per):
+        words |= c[:, :, k] << np.uint32(k * bits)
+    return words.view(np.int32)
+
+
 class IntGroupFormat:
     """Registry entry `int`."""
 
