@@ -175,44 +175,57 @@ def _dot4(isa, i, w0, w1, w2, w3, qx, a):
     return idot(isa, i, w3, qx, a + 12)
 
 
-@njit(inline="always", fastmath=FASTMATH, cache=True)
 def _dot16(isa, w0, w1, w2, w3, qx, a, plane):
-    """Integer dot of 16 weights (4 slices) with the token's activations at flat index a; with two parts,
-    2^LO_BITS * (first part) + second part (plane: flat offset of the second part; two independent chains)."""
-    i = _dot4(isa, izero(), w0, w1, w2, w3, qx, a)
-    if qx.ndim == 3:
-        i = iadd(ishl(i, LO_BITS), _dot4(isa, izero(), w0, w1, w2, w3, qx, a + plane))
-    return i
+    """Integer dot of 16 weights (4 slices) with the token's activations at flat index a; with two parts
+    (qx [2, M, n_in]), 2^LO_BITS * (first part) + second part (plane: flat offset of the second part)."""
 
 
-@njit(inline="always", fastmath=FASTMATH, cache=True)
 def _dot32(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, a, plane):
     """Integer dot of a 32-weight unit (8 slices), as _dot16."""
-    i = _dot4(isa, _dot4(isa, izero(), w0, w1, w2, w3, qx, a), w4, w5, w6, w7, qx, a + 16)
-    if qx.ndim == 3:
+
+
+@overload(_dot16)
+def _ov_dot16(isa, w0, w1, w2, w3, qx, a, plane):
+    if qx.ndim == 2:
+        return lambda isa, w0, w1, w2, w3, qx, a, plane: _dot4(isa, izero(), w0, w1, w2, w3, qx, a)
+
+    def two(isa, w0, w1, w2, w3, qx, a, plane):  # two independent chains, joined once
+        hi = _dot4(isa, izero(), w0, w1, w2, w3, qx, a)
+        return iadd(ishl(hi, LO_BITS), _dot4(isa, izero(), w0, w1, w2, w3, qx, a + plane))
+    return two
+
+
+@overload(_dot32)
+def _ov_dot32(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, a, plane):
+    if qx.ndim == 2:
+        def one(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, a, plane):
+            return _dot4(isa, _dot4(isa, izero(), w0, w1, w2, w3, qx, a), w4, w5, w6, w7, qx, a + 16)
+        return one
+
+    def two(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, a, plane):
+        hi = _dot4(isa, _dot4(isa, izero(), w0, w1, w2, w3, qx, a), w4, w5, w6, w7, qx, a + 16)
         lo = _dot4(isa, _dot4(isa, izero(), w0, w1, w2, w3, qx, a + plane), w4, w5, w6, w7, qx, a + plane + 16)
-        i = iadd(ishl(i, LO_BITS), lo)
-    return i
+        return iadd(ishl(hi, LO_BITS), lo)
+    return two
 
 
 @njit(inline="always", fastmath=FASTMATH, cache=True)
-def _unit1(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, a, plane, s, m, d, sx, acc):
-    """acc + one 32-weight unit of one token (one scale per unit); a: flat index of its activations."""
+def _unit1(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, a, plane, s0, m0, d, sx0, acc):
+    """acc + one 32-weight unit of one token; a: flat index of its activations; d: its scale; s0, m0: the
+    unit's factors; sx0: d * the sum of its activations."""
     i = _dot32(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, a, plane)
-    acc = vfma(icvt(i), vmul(s, vsplat(d)), acc)
-    return vfma(m, vsplat(sx), acc)
+    return vfma(m0, vsplat(sx0), vfma(icvt(i), vmul(s0, vsplat(d)), acc))
 
 
 @njit(inline="always", fastmath=FASTMATH, cache=True)
 def _unit2(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, a, plane, s0, s1, m0, m1, d, sx0, sx1, acc):
-    """acc + one unit of one token whose two 16-weight halves have their own scales and offsets."""
+    """As _unit1 for a type that scales every 16 weights: factors and sums of the two halves."""
     lo = _dot16(isa, w0, w1, w2, w3, qx, a, plane)
     hi = _dot16(isa, w4, w5, w6, w7, qx, a + 16, plane)
     vd = vsplat(d)
     acc = vfma(icvt(lo), vmul(s0, vd), acc)
     acc = vfma(icvt(hi), vmul(s1, vd), acc)
-    acc = vfma(m0, vsplat(sx0), acc)
-    return vfma(m1, vsplat(sx1), acc)
+    return vfma(m1, vsplat(sx1), vfma(m0, vsplat(sx0), acc))
 
 
 @njit(inline="always", fastmath=FASTMATH, cache=True)
@@ -227,16 +240,34 @@ def _store(out, t, r0, f):
 
 
 @njit(inline="always", fastmath=FASTMATH, cache=True)
-def _tile(kind, isa, buf, sc, mn, qx, dx, sx16, sx32, out, t, r0):
-    """Tokens t .. t + 3 (past the end: the last token again, not stored) against the decoded panel."""
+def _tokens(qx, t):
+    """(n_tok, n_in, flat offset of the second part, tokens t .. t + 3 clamped to the last one)."""
     n_tok = qx.shape[-2]
     n_in = qx.shape[-1]
-    plane = n_tok * n_in
-    nsub = isubs(kind)
-    t0 = t
-    t1 = min(t + 1, n_tok - 1)
-    t2 = min(t + 2, n_tok - 1)
-    t3 = min(t + 3, n_tok - 1)
+    last = n_tok - 1
+    return n_tok, n_in, n_tok * n_in, t, min(t + 1, last), min(t + 2, last), min(t + 3, last)
+
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def _store4(out, n_tok, t, r0, f0, f1, f2, f3):
+    """The 4 tokens' rows r0 .. r0 + 15 (tokens past n_tok are not stored)."""
+    _store(out, t, r0, f0)
+    if t + 1 < n_tok:
+        _store(out, t + 1, r0, f1)
+    if t + 2 < n_tok:
+        _store(out, t + 2, r0, f2)
+    if t + 3 < n_tok:
+        _store(out, t + 3, r0, f3)
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def tile1(isa, buf, sc, mn, qx, dx, sx, out, t, r0):
+    """Tokens t .. t + 3 against a decoded panel whose types scale every 32 weights (sx: sums per 32).
+
+    Not specialised on the weight type: compiled once per instruction set and activation layout, shared
+    by every type with one scale per unit (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K).
+    """
+    n_tok, n_in, plane, t0, t1, t2, t3 = _tokens(qx, t)
     f0 = vzero()
     f1 = vzero()
     f2 = vzero()
@@ -252,34 +283,74 @@ def _tile(kind, isa, buf, sc, mn, qx, dx, sx16, sx32, out, t, r0):
         w6 = wload(buf, p + 384)
         w7 = wload(buf, p + 448)
         a = UNIT * u
-        if nsub == 1:
-            s = vload(sc, PANEL * u)
-            m = vload(mn, PANEL * u)
-            f0 = _unit1(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, t0 * n_in + a, plane, s, m, dx[t0, u], sx32[t0, u], f0)
-            f1 = _unit1(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, t1 * n_in + a, plane, s, m, dx[t1, u], sx32[t1, u], f1)
-            f2 = _unit1(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, t2 * n_in + a, plane, s, m, dx[t2, u], sx32[t2, u], f2)
-            f3 = _unit1(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, t3 * n_in + a, plane, s, m, dx[t3, u], sx32[t3, u], f3)
-        else:
-            k = 2 * PANEL * u
-            s0 = vload(sc, k)
-            s1 = vload(sc, k + PANEL)
-            m0 = vload(mn, k)
-            m1 = vload(mn, k + PANEL)
-            f0 = _unit2(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, t0 * n_in + a, plane, s0, s1, m0, m1, dx[t0, u],
-                        sx16[t0, 2 * u], sx16[t0, 2 * u + 1], f0)
-            f1 = _unit2(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, t1 * n_in + a, plane, s0, s1, m0, m1, dx[t1, u],
-                        sx16[t1, 2 * u], sx16[t1, 2 * u + 1], f1)
-            f2 = _unit2(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, t2 * n_in + a, plane, s0, s1, m0, m1, dx[t2, u],
-                        sx16[t2, 2 * u], sx16[t2, 2 * u + 1], f2)
-            f3 = _unit2(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, t3 * n_in + a, plane, s0, s1, m0, m1, dx[t3, u],
-                        sx16[t3, 2 * u], sx16[t3, 2 * u + 1], f3)
-    _store(out, t0, r0, f0)
-    if t + 1 < n_tok:
-        _store(out, t1, r0, f1)
-    if t + 2 < n_tok:
-        _store(out, t2, r0, f2)
-    if t + 3 < n_tok:
-        _store(out, t3, r0, f3)
+        s = vload(sc, PANEL * u)
+        m = vload(mn, PANEL * u)
+        f0 = _unit1(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, t0 * n_in + a, plane, s, m, dx[t0, u], sx[t0, u], f0)
+        f1 = _unit1(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, t1 * n_in + a, plane, s, m, dx[t1, u], sx[t1, u], f1)
+        f2 = _unit1(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, t2 * n_in + a, plane, s, m, dx[t2, u], sx[t2, u], f2)
+        f3 = _unit1(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, t3 * n_in + a, plane, s, m, dx[t3, u], sx[t3, u], f3)
+    _store4(out, n_tok, t, r0, f0, f1, f2, f3)
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def tile2(isa, buf, sc, mn, qx, dx, sx, out, t, r0):
+    """As tile1 for the types that scale every 16 weights (Q2_K, Q3_K, Q6_K; sx: sums per 16)."""
+    n_tok, n_in, plane, t0, t1, t2, t3 = _tokens(qx, t)
+    f0 = vzero()
+    f1 = vzero()
+    f2 = vzero()
+    f3 = vzero()
+    for u in range(n_in // UNIT):
+        p = UNIT_BYTES * u
+        w0 = wload(buf, p)
+        w1 = wload(buf, p + 64)
+        w2 = wload(buf, p + 128)
+        w3 = wload(buf, p + 192)
+        w4 = wload(buf, p + 256)
+        w5 = wload(buf, p + 320)
+        w6 = wload(buf, p + 384)
+        w7 = wload(buf, p + 448)
+        a = UNIT * u
+        k = 2 * PANEL * u
+        s0 = vload(sc, k)
+        s1 = vload(sc, k + PANEL)
+        m0 = vload(mn, k)
+        m1 = vload(mn, k + PANEL)
+        v = 2 * u
+        f0 = _unit2(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, t0 * n_in + a, plane, s0, s1, m0, m1, dx[t0, u],
+                    sx[t0, v], sx[t0, v + 1], f0)
+        f1 = _unit2(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, t1 * n_in + a, plane, s0, s1, m0, m1, dx[t1, u],
+                    sx[t1, v], sx[t1, v + 1], f1)
+        f2 = _unit2(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, t2 * n_in + a, plane, s0, s1, m0, m1, dx[t2, u],
+                    sx[t2, v], sx[t2, v + 1], f2)
+        f3 = _unit2(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, t3 * n_in + a, plane, s0, s1, m0, m1, dx[t3, u],
+                    sx[t3, v], sx[t3, v + 1], f3)
+    _store4(out, n_tok, t, r0, f0, f1, f2, f3)
+
+
+def _tile(kind, isa, buf, sc, mn, qx, dx, sx16, sx32, out, t, r0):
+    """The token tile of the kind's scale layout (tile1 or tile2, chosen at compile time)."""
+
+
+@overload(_tile, inline="always")
+def _ov_tile(kind, isa, buf, sc, mn, qx, dx, sx16, sx32, out, t, r0):
+    if _idecoder(kind).subs == 1:
+        return lambda kind, isa, buf, sc, mn, qx, dx, sx16, sx32, out, t, r0: tile1(
+            isa, buf, sc, mn, qx, dx, sx32, out, t, r0)
+    return lambda kind, isa, buf, sc, mn, qx, dx, sx16, sx32, out, t, r0: tile2(
+        isa, buf, sc, mn, qx, dx, sx16, out, t, r0)
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _panel(kind, isa, w, r0, buf, sc, mn, qx, dx, sx16, sx32, out):
+    """Rows r0 .. r0 + 15 for every token: decode the panel, then 4 tokens at a time.
+
+    A plain (not parallel) function: the parallel driver only calls it, so numba's parfor passes never see
+    the unrolled tile (a fraction of the compile time).
+    """
+    _build_panel(kind, w, r0, buf, sc, mn)
+    for t in range(0, qx.shape[-2], TOKENS):
+        _tile(kind, isa, buf, sc, mn, qx, dx, sx16, sx32, out, t, r0)
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -289,15 +360,8 @@ def matmul_kernel(kind, isa, w, qx, dx, sx16, sx32, out, qbuf, fbuf):
     Work item c owns an even share of the panels (16 rows each) and decodes them into qbuf[c] / fbuf[c].
     """
     n_items = qbuf.shape[0]
-    n_tok = qx.shape[-2]
     n_panels = (w.shape[0] + PANEL - 1) // PANEL
     per = (n_panels + n_items - 1) // n_items
     for c in prange(n_items):
-        buf = qbuf[c]
-        sc = fbuf[c, 0]
-        mn = fbuf[c, 1]
         for p in range(c * per, min(n_panels, (c + 1) * per)):
-            r0 = PANEL * p
-            _build_panel(kind, w, r0, buf, sc, mn)
-            for t in range(0, n_tok, TOKENS):
-                _tile(kind, isa, buf, sc, mn, qx, dx, sx16, sx32, out, t, r0)
+            _panel(kind, isa, w, PANEL * p, qbuf[c], fbuf[c, 0], fbuf[c, 1], qx, dx, sx16, sx32, out)

@@ -1,0 +1,76 @@
+"""Cold start: seconds from a fresh interpreter to the first generated token, with an empty numba cache
+(a fresh install) and with the cache filled by that run (every later start).
+
+    python benchmarks/bench_cold_start.py                        # SmolLM2 Q4_K_M, 165-token prompt, 2 threads
+    python benchmarks/bench_cold_start.py --types Q4_0,Q4_K_M --runs 2
+
+Each run is a new Python process (`python -c ...`) timed from its launch: imports, Model.load (weights
+mapped, hyperparameters checked, the warm-up batch and step that compile the decode kernels) and the prompt
+(which compiles the prefill kernels on first use), until the first token is out. "cold" points
+NUMBA_CACHE_DIR at an empty folder; "warm" reuses the folder the cold run filled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bench_runtime import model_file  # noqa: E402
+
+CHILD = """
+import json, sys, time
+t0 = time.perf_counter()
+from qf.runtime import Model
+t1 = time.perf_counter()
+m = Model.load(sys.argv[1], n_ctx=1024, n_threads=int(sys.argv[3]))
+t2 = time.perf_counter()
+ids = m.tokenize("Once upon a time, " * 64)[:int(sys.argv[2])]
+g = m.generate(ids, max_tokens=1, temperature=0)
+first = next(iter(g))
+t3 = time.perf_counter()
+m.close()
+print(json.dumps({"import": t1 - t0, "load": t2 - t1, "prompt": t3 - t2, "n_prompt": len(ids)}))
+"""
+
+
+def run_child(path: Path, n_prompt: int, threads: int, cache: str) -> dict:
+    """One process to the first token; its phase times and the wall time from launch."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", CHILD, str(path), str(n_prompt), str(threads)], env=env,
+                         capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - t0
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res["wall"] = wall
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--types", default="Q4_K_M", help="SmolLM2 file types (comma-separated)")
+    ap.add_argument("-p", "--n-prompt", type=int, default=165)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=1, help="cold + warm pairs per type")
+    args = ap.parse_args()
+    print(f"| model | run | to first token s | import s | load s | prompt ({args.n_prompt} tok) s |\n"
+          "|---|---|---|---|---|---|")
+    for t in (x.strip() for x in args.types.split(",") if x.strip()):
+        path = model_file(t)
+        for _ in range(args.runs):
+            with tempfile.TemporaryDirectory(prefix="qf-numba-") as cache:
+                for label in ("cold", "warm"):
+                    r = run_child(path, args.n_prompt, args.threads, cache)
+                    print(f"| SmolLM2 {t} | {label} | {r['wall']:.1f} | {r['import']:.1f} | {r['load']:.1f} | "
+                          f"{r['prompt']:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
