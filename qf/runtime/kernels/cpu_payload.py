@@ -25,22 +25,29 @@ TILE_VALUES = 1 << 20  # weights decoded per tile of a batched product (4 MiB of
 
 @numba.njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
 def _int_matvec(packed: np.ndarray, bits: int, group: int, scale: np.ndarray, zero: np.ndarray, zc: float,
-                x: np.ndarray, xsum: np.ndarray, out: np.ndarray) -> None:
-    """out[o] = sum_g scale[o,g] * (sum_{i in g} u[o,i] x[i] - z[o,g] * xsum[g]); packed uint32 [O, W]."""
+                xp: np.ndarray, xsum: np.ndarray, out: np.ndarray) -> None:
+    """out[o] = sum_g scale[o,g] * (sum_{i in g} u[o,i] x[i] - z[o,g] * xsum[g]); packed uint32 [O, W]; xp: x as
+    [32 / bits, W] (xp[k, w] = x[w * 32 / bits + k]) so that each code position k runs over whole rows of words
+    (vectorized), per-word products summed per group after."""
     pf = 32 // bits
     mask = np.uint32((1 << bits) - 1)
     wpg = group // pf
     n_groups = scale.shape[1]
+    n_words = packed.shape[1]
     has_zero = zero.shape[0] > 0
     for o in prange(packed.shape[0]):
+        row = packed[o]
+        prod = np.zeros(n_words, np.float32)
+        for k in range(pf):
+            sh = np.uint32(k * bits)
+            xk = xp[k]
+            for w in range(n_words):
+                prod[w] += np.float32((row[w] >> sh) & mask) * xk[w]
         acc = np.float32(0.0)
         for g in range(n_groups):
             dot = np.float32(0.0)
             for w in range(g * wpg, (g + 1) * wpg):
-                word = packed[o, w]
-                base = w * pf
-                for k in range(pf):
-                    dot += np.float32((word >> np.uint32(k * bits)) & mask) * x[base + k]
+                dot += prod[w]
             z = np.float32(zero[o, g]) if has_zero else np.float32(zc)
             acc += scale[o, g] * (dot - z * xsum[g])
         out[o] = acc
@@ -169,7 +176,8 @@ class IntGroupMatrix(PayloadMatrix):
             _int_matvec_gidx(self.packed, self.bits, self.gidx, self.scale, self.zero, self.zc, x, out)
         else:
             xsum = x.reshape(-1, self.group).sum(axis=1, dtype=np.float32)
-            _int_matvec(self.packed, self.bits, self.group, self.scale, self.zero, self.zc, x, xsum, out)
+            xp = np.ascontiguousarray(x.reshape(-1, 32 // self.bits).T)
+            _int_matvec(self.packed, self.bits, self.group, self.scale, self.zero, self.zc, xp, xsum, out)
         return out
 
     def rows(self, r0: int, r1: int) -> np.ndarray:

@@ -1,0 +1,127 @@
+"""Decode speed of native payloads against the ggml type that holds the same grid, on one model's linear shapes.
+
+    python benchmarks/bench_payload.py                 # SmolLM2-135M's layer, 2 threads, 15 rounds
+    python benchmarks/bench_payload.py --rounds 30 --threads 1
+
+Pairs (same weights on both sides where the grid allows):
+  int W4 g64 sym payload  vs  Q4_0 (the payload transcoded exactly: fp16 scales)
+  int W4 g64 asym payload vs  Q4_0 of the same shape
+  fp8 channel payload     vs  Q8_0 (the fp8 weights requantized)
+  fp8 block 128x128       vs  Q8_0
+One "token" is one matvec through every linear of a decoder layer (q, k, v, o, gate, up, down), as decode
+runs them, through CpuBackend.linear. Rounds interleave the two sides and the table gives the median of the
+per-round ratios (load that drifts on a shared machine hits both sides of a round alike).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+LAYER_SHAPES = {"smollm2-135m": [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)],
+                "llama-1b": [(2048, 2048), (512, 2048), (512, 2048), (2048, 2048), (8192, 2048), (8192, 2048),
+                             (2048, 8192)]}  # (n_out, n_in)
+
+
+def _payload(scheme: str, arrays: dict[str, np.ndarray], n_in: int, n_out: int) -> Any:
+    """A PayloadRef over in-memory members."""
+    from qf.quant.formats import PayloadDecl, format_of
+    from qf.runtime.weights import PayloadRef
+
+    fmt, p = format_of(scheme)
+    decl = PayloadDecl("w.weight", fmt.scheme(p), fmt, p, {k: k for k in arrays}, n_in, n_out)
+    return PayloadRef("w.weight", decl, arrays, n_out)
+
+
+def _int4(n_out: int, n_in: int, sym: bool, rng: np.random.Generator) -> tuple[Any, Any]:
+    """(W4 g64 payload, Q4_0 TensorRef) of one shape; the same weights when symmetric."""
+    from qf.format.ggml_types import GGMLType
+    from qf.quant.formats.transcode import RULES, encode_rows
+    from qf.runtime.weights import TensorRef
+
+    scheme = f"int;bits=4;group=64;sym={int(sym)};g_idx=0"
+    a = {"weight_packed": rng.integers(-2**31, 2**31, (n_out, n_in // 8), dtype=np.int64).astype(np.int32),
+         "weight_scale": (rng.random((n_out, n_in // 64)) * 0.01 + 1e-3).astype(np.float16)}
+    if not sym:
+        a["weight_zero"] = rng.integers(0, 16, (n_out, n_in // 64)).astype(np.int16)
+    q = encode_rows(RULES[0], scheme.replace("sym=0", "sym=1"), a, n_in)
+    return _payload(scheme, a, n_in, n_out), TensorRef("w.weight", GGMLType.Q4_0, (n_in, n_out), q)
+
+
+def _fp8(n_out: int, n_in: int, block: bool, rng: np.random.Generator) -> tuple[Any, Any]:
+    """(fp8 payload, Q8_0 TensorRef of its dequantized weights) of one shape."""
+    from qf.format.ggml_types import GGMLType
+    from qf.quant.codecs import get_codec
+    from qf.runtime.weights import TensorRef
+
+    v = rng.integers(0, 256, (n_out, n_in), dtype=np.int64).astype(np.uint8)
+    v[(v & 0x7F) == 0x7F] = 0  # no NaN patterns
+    scheme = "fp8;scale=block;block=128x128" if block else "fp8;scale=channel"
+    shape = (-(-n_out // 128), -(-n_in // 128)) if block else (n_out, 1)
+    a = {"weight_fp8": v.view(np.int8), "weight_scale": (rng.random(shape) * 0.01 + 1e-3).astype(np.float32)}
+    ref = _payload(scheme, a, n_in, n_out)
+    q = get_codec(GGMLType.Q8_0).quantize(ref.dequantize())
+    return ref, TensorRef("w.weight", GGMLType.Q8_0, (n_in, n_out), q)
+
+
+PAIRS: dict[str, tuple[str, str, Callable[..., tuple[Any, Any]]]] = {
+    "int4 g64 sym": ("payload W4 g64 sym", "Q4_0", lambda o, i, r: _int4(o, i, True, r)),
+    "int4 g64 asym": ("payload W4 g64 asym", "Q4_0", lambda o, i, r: _int4(o, i, False, r)),
+    "fp8 channel": ("payload FP8 channel", "Q8_0", lambda o, i, r: _fp8(o, i, False, r)),
+    "fp8 block": ("payload FP8 block 128", "Q8_0", lambda o, i, r: _fp8(o, i, True, r)),
+}
+
+
+def _token(backend: Any, mats: list[Any], xs: list[np.ndarray]) -> float:
+    """Seconds for one matvec through every matrix."""
+    t0 = time.perf_counter()
+    for m, x in zip(mats, xs):
+        backend.linear(m, x)
+    return time.perf_counter() - t0
+
+
+def _best(backend: Any, mats: list[Any], xs: list[np.ndarray], reps: int) -> float:
+    """Fastest of reps tokens."""
+    return min(_token(backend, mats, xs) for _ in range(reps))
+
+
+def main() -> None:
+    """Parse arguments, run the interleaved rounds, print the table."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(LAYER_SHAPES), default="smollm2-135m")
+    ap.add_argument("--pairs", nargs="+", choices=sorted(PAIRS), default=list(PAIRS))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--reps", type=int, default=20, help="tokens per side per round (the fastest counts)")
+    args = ap.parse_args()
+    import numba
+
+    from qf.runtime.backend import CpuBackend
+
+    numba.set_num_threads(args.threads)
+    be, rng = CpuBackend(), np.random.default_rng(0)
+    shapes = LAYER_SHAPES[args.model]
+    xs = [rng.standard_normal((1, i)).astype(np.float32) for _, i in shapes]
+    print(f"{args.model} layer ({len(shapes)} linears), {args.threads} threads, {args.rounds} rounds: "
+          "us per layer-token (median of rounds), payload / ggml speed ratio (median of per-round ratios)")
+    print("| payload | us | ggml | us | speed vs ggml | rounds min-max |")
+    print("|---|---|---|---|---|---|")
+    for key in args.pairs:
+        pname, gname, make = PAIRS[key]
+        built = [make(o, i, rng) for o, i in shapes]
+        pm, gm = [be.matrix(p) for p, _ in built], [be.matrix(g) for _, g in built]
+        _token(be, pm, xs), _token(be, gm, xs)  # compile / warm
+        tp, tg, ratio = [], [], []
+        for _ in range(args.rounds):
+            a, b = _best(be, pm, xs, args.reps), _best(be, gm, xs, args.reps)
+            tp.append(a), tg.append(b), ratio.append(b / a)
+        print(f"| {pname} | {statistics.median(tp) * 1e6:.0f} | {gname} | {statistics.median(tg) * 1e6:.0f} | "
+              f"{statistics.median(ratio):.2f}x | {min(ratio):.2f}-{max(ratio):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
