@@ -5,8 +5,9 @@
 
 Shapes are SmolLM2-135M's: ffn_down 576x1536, ffn_up 1536x576 and the output head 49152x576 (n_out x n_in);
 for the K-quants (256-element blocks) n_in 576 becomes 768.
-The prefill table times both matmul paths: "fused" (blocks decoded in registers, blas=False) and "tiles"
-(rows decoded into an f32 tile, then BLAS sgemm per thread; what cpu.matmul picks for M >= BLAS_MIN_TOKENS).
+The prefill table times the matmul paths: "fused" (blocks decoded in registers, blas=False), "tiles"
+(rows decoded into an f32 tile, then BLAS sgemm per thread; float types from M >= BLAS_MIN_TOKENS) and
+"int8" (activations quantized per call, integer dot products; quantized types from M >= INT8_MIN_TOKENS).
 Baselines run in the same process on the same data: "np deq+mv" dequantizes with the codec and multiplies
 on every call (what a runtime without fused kernels does), "np f32" multiplies pre-dequantized f32 weights
 (BLAS; 4 bytes per weight). Timings are the fastest single call of many; on a shared machine compare ratios.
@@ -95,8 +96,8 @@ def bench_matmul(types, rng) -> None:
 
     print(f"\nmatmul (prefill), {cpu.get_threads()} threads; GFLOP/s = 2*M*n_in*n_out / time "
           f"(auto path: tiles from M={cpu.BLAS_MIN_TOKENS})")
-    print(f"{'type':6} {'n_out x n_in':>12} {'M':>4} {'fused GF':>9} {'tiles GF':>9} {'np deq+mm':>10} {'np f32':>8} "
-          f"{'tiles/fused':>12} {'x f32':>7}")
+    print(f"{'type':6} {'n_out x n_in':>12} {'M':>4} {'fused GF':>9} {'tiles GF':>9} {'int8 GF':>8} {'np deq+mm':>10} "
+          f"{'np f32':>8} {'tiles/fused':>12} {'int8/tiles':>11} {'x f32':>7}")
     for t in types:
         for n_out, n_in in (fit_shape(t, *s) for s in PREFILL_SHAPES):
             data, wf = make_weight(t, n_out, n_in, rng)
@@ -107,11 +108,14 @@ def bench_matmul(types, rng) -> None:
                 out = np.empty((m, n_out), np.float32)
                 flop = 2.0 * m * n_in * n_out
                 tk = best_time(lambda: cpu.matmul(w, x, out, blas=False))
-                tt = best_time(lambda: cpu.matmul(w, x, out, blas=True))
+                tt = best_time(lambda: cpu.matmul(w, x, out, blas=True, int8=False))
+                has_int8 = t in cpu.int8_types()
+                ti = best_time(lambda: cpu.matmul(w, x, out, int8=True)) if has_int8 else float("nan")
                 tn = best_time(lambda: x @ codec.dequantize(data).T, budget=0.1)
                 tf = best_time(lambda: x @ wf.T)
                 print(f"{t.name:6} {f'{n_out}x{n_in}':>12} {m:4} {flop / tk / 1e9:9.1f} {flop / tt / 1e9:9.1f} "
-                      f"{flop / tn / 1e9:10.1f} {flop / tf / 1e9:8.1f} {tk / tt:12.2f} {tf / tt:7.2f}")
+                      f"{flop / ti / 1e9:8.1f} {flop / tn / 1e9:10.1f} {flop / tf / 1e9:8.1f} {tk / tt:12.2f} "
+                      f"{tt / ti:11.2f} {tf / tt:7.2f}")
 
 
 _FIRST_CALL = """

@@ -13,6 +13,13 @@ weight is decoded with one fused multiply-add and each row is summed in 16 f32 l
 dot product stays below (n_in / 16 + 8) * 2 eps * sum|w_i x_i| (see tests/test_kernels_cpu.py). The BLAS
 path decodes the same f32 weights; its sums are OpenBLAS's (FMA chains over k blocks, in the tests well
 inside the same bound).
+
+For quantized weights, prefill batches of M >= INT8_MIN_TOKENS tokens take the integer path instead
+(cpu_int8.py, cpu_idecode.py, cpu_isimd.py): the activations are quantized once per matmul to 8-bit parts
+per block of 32 (`quantize_q8`; two parts by default, about 15 bits) and multiplied with integer dot
+products (`vpdpbusd` where the host has AVX-512 VNNI). Its results are exact functions of those integers
+(tests/test_h4_int8.py); the activation rounding moves SmolLM2's logits by a KLD of ~7e-7. Exact rows
+(matmul with blas=False, and matvec) never take it.
 """
 
 from __future__ import annotations
@@ -154,8 +161,8 @@ def matmul(w: QMatrix, x: np.ndarray, out: np.ndarray | None = None, *, blas: bo
 
     Paths: the fused kernel (each block decoded once per 4 tokens; row i of the result depends on x[i] only,
     bit for bit, whatever M and the thread count), decoded tiles + BLAS (f32 sums in BLAS's order), and
-    8-bit activations with integer dot products (`matmul_q8`: activations rounded to 8 bits per 32 values,
-    as llama.cpp does; the fastest for quantized weights). blas=None and int8=None pick by M and type: int8
+    integer dot products on quantized activations (`quantize_q8` + `matmul_q8`, INT8_PARTS 8-bit parts per
+    value; the fastest for quantized weights; row i also depends on x[i] only). blas=None and int8=None pick by M and type: int8
     from INT8_MIN_TOKENS for the types in `int8_types()`, else tiles from BLAS_MIN_TOKENS, else fused.
     blas=False forces the fused kernel (exact rows: a row gives what matvec's sums give alone, M = 1 aside),
     blas=True the tiles (the fused kernel when no BLAS was found), int8=True the integer path.

@@ -1,0 +1,89 @@
+"""qf against llama.cpp on the same files: llama.cpp's `llama-bench` and our `qbench`, alternated, median ratios.
+
+Opt-in: it needs a llama-bench binary, e.g. built from the llama-cpp-python sdist (llama.cpp's full source):
+
+    pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 && tar xf llama_cpp_python-0.3.36.tar.gz
+    cd llama_cpp_python-0.3.36/vendor/llama.cpp && cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \\
+        && cmake --build build -j2 --target llama-bench
+    python benchmarks/bench_prefill_llama.py .../build/bin/llama-bench            # SmolLM2 set, pp512 + tg128, -t 2
+    python benchmarks/bench_prefill_llama.py LLAMA_BENCH --types Q4_0 --gguf gemma-3-270m-q4_k_m.gguf --rounds 5
+
+Each round runs, per model, llama-bench once (-r 1, JSON output) and then qbench once (-r 1, --json), in
+separate processes, one after the other: load that drifts over minutes hits both sides of a ratio alike.
+The table gives each side's median tokens/s and the median of the per-round ratios qf / llama.cpp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bench_runtime import model_file  # noqa: E402
+
+DEFAULT_TYPES = "F16,Q8_0,Q4_0,Q4_K_M,Q6_K"
+
+
+def llama_bench(binary: Path, model: Path, n_prompt: int, n_gen: int, threads: int) -> dict[str, float]:
+    """{"pp512": t/s, "tg128": t/s} from one llama-bench run."""
+    out = subprocess.run([str(binary), "-m", str(model), "-p", str(n_prompt), "-n", str(n_gen), "-t", str(threads),
+                          "-r", "1", "-o", "json"], capture_output=True, text=True, check=True).stdout
+    res = {}
+    for row in json.loads(out):
+        name = f"pp{row['n_prompt']}" if row["n_gen"] == 0 else f"tg{row['n_gen']}"
+        res[name] = float(row["avg_ts"])
+    return res
+
+
+def qbench(model: Path, n_prompt: int, n_gen: int, threads: int) -> dict[str, float]:
+    """{"pp512": t/s, "tg128": t/s} from one qbench run."""
+    with tempfile.TemporaryDirectory() as d:
+        js = Path(d) / "q.json"
+        subprocess.run([sys.executable, "-m", "qf.tools.qbench", str(model), "-p", str(n_prompt), "-n", str(n_gen),
+                        "-t", str(threads), "-r", "1", "--json", str(js)], capture_output=True, text=True, check=True)
+        return {r["test"]: float(r["median_tps"]) for r in json.loads(js.read_text())["results"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("llama_bench", type=Path, help="path of llama.cpp's llama-bench")
+    ap.add_argument("--types", default=DEFAULT_TYPES, help="SmolLM2 file types (comma-separated; '' for none)")
+    ap.add_argument("--gguf", action="append", default=[], help="also this model file (repeatable)")
+    ap.add_argument("-p", "--n-prompt", type=int, default=512)
+    ap.add_argument("-n", "--n-gen", type=int, default=128)
+    ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    if not args.llama_bench.is_file():
+        sys.exit(f"no llama-bench at {args.llama_bench}")
+    models = {f"SmolLM2 {t.strip()}": model_file(t.strip()) for t in args.types.split(",") if t.strip()}
+    models.update({Path(g).name: Path(g) for g in args.gguf})
+    runs: dict[tuple[str, str, str], list[float]] = {}
+    for _ in range(args.rounds):
+        for name, path in models.items():
+            for side, fn in (("llama.cpp", llama_bench), ("qf", None)):
+                res = (llama_bench(args.llama_bench, path, args.n_prompt, args.n_gen, args.threads) if fn else
+                       qbench(path, args.n_prompt, args.n_gen, args.threads))
+                for test, tps in res.items():
+                    runs.setdefault((name, test, side), []).append(tps)
+    print(f"\n{args.rounds} alternated rounds, {args.threads} threads\n")
+    print("| model | test | llama.cpp t/s | qf t/s | qf / llama.cpp (median of rounds) | min - max |\n"
+          "|---|---|---|---|---|---|")
+    for name in models:
+        for test in (f"pp{args.n_prompt}", f"tg{args.n_gen}"):
+            a, b = runs.get((name, test, "llama.cpp"), []), runs.get((name, test, "qf"), [])
+            if not a or not b:
+                continue
+            r = [y / x for x, y in zip(a, b)]
+            print(f"| {name} | {test} | {statistics.median(a):.1f} | {statistics.median(b):.1f} | "
+                  f"{statistics.median(r):.2f}x | {min(r):.2f} - {max(r):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
