@@ -299,3 +299,31 @@ def test_a_full_queue_is_503_and_the_rest_complete(server: Server) -> None:
         assert 503 in statuses and 200 in statuses and set(statuses) <= {200, 503}
     finally:
         busy.stop()
+
+
+def test_logprobs(server: Server) -> None:
+    """Chat and completion logprobs: one entry per generated token, the greedy token the most likely, the
+    alternatives sorted, streamed entries equal to the non-streamed ones."""
+    import math
+
+    c = server.client()
+    r = c.chat.completions.create(model="smol", messages=QUESTION, temperature=0, max_tokens=6, logprobs=True,
+                                  top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 6
+    assert "".join(e.token for e in content) == r.choices[0].message.content
+    for e in content:
+        assert len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token
+        assert math.isclose(e.top_logprobs[0].logprob, e.logprob, abs_tol=1e-6) and e.logprob <= 0
+        assert [t.logprob for t in e.top_logprobs] == sorted((t.logprob for t in e.top_logprobs), reverse=True)
+    streamed = [e for ch in c.chat.completions.create(model="smol", messages=QUESTION, temperature=0, max_tokens=6,
+                                                      logprobs=True, top_logprobs=3, stream=True)
+                if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 5)) for e in streamed] == [(e.token, round(e.logprob, 5)) for e in content]
+    t = c.completions.create(model="smol", prompt="The capital of France is", max_tokens=4, temperature=0, logprobs=2)
+    lp = t.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert "".join(lp.tokens) == t.choices[0].text and lp.text_offset[0] == 0
+    assert all(max(alts.values()) == pytest.approx(v, abs=1e-6) for alts, v in zip(lp.top_logprobs, lp.token_logprobs))
+    assert server.post("/v1/chat/completions", {"messages": QUESTION, "logprobs": True,
+                                                "top_logprobs": 21}).status_code == 400

@@ -30,6 +30,7 @@ from qf.runtime.weights import load_tensors
 
 DEFAULT_N_CTX = 4096
 MAX_SLOTS = 256  # KV slots (parallel sequences) one model may hold
+MAX_LOGPROBS = 20  # alternatives recorded per generated token (OpenAI's top_logprobs limit)
 RAM_HEADROOM = 0.9  # the CPU KV cache may take at most this share of the available memory
 
 
@@ -282,16 +283,19 @@ class Model:
 
     # -- generation ------------------------------------------------------------------------------------
     def generate(self, prompt: str | Sequence[int], max_tokens: int | None = 128, stop: Sequence[str] = (),
-                 constraint: LogitsConstraint | None = None, **sampling: Any) -> Generation:
+                 constraint: LogitsConstraint | None = None, logprobs: int | None = None,
+                 **sampling: Any) -> Generation:
         """Stream the continuation of a prompt (text or token ids) as text pieces.
 
         Sampling keywords: temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed
         (temperature 0 = greedy). max_tokens None or < 0 runs until end of generation or a full context.
+        constraint masks the logits each step (structured output); logprobs k records each generated token's
+        log-probability and the k most likely alternatives in `Generation.logprobs`.
         Raises ContextOverflowError when the prompt does not fit; ends with finish_reason "length" when
         the budget or the context runs out.
         """
         ids = self._prompt_ids(prompt) if isinstance(prompt, str) else _token_ids(prompt)
-        return self._start(ids, max_tokens, stop, sampling, constraint)
+        return self._start(ids, max_tokens, stop, sampling, constraint, logprobs)
 
     def _prompt_ids(self, text: str, add_special: bool = True) -> list[int]:
         """A prompt's tokens; ContextOverflowError (tokenizing stops early) when it cannot fit the context."""
@@ -304,12 +308,12 @@ class Model:
             raise ContextOverflowError(f"the prompt does not fit in the context of {self.n_ctx} tokens: {e}") from None
 
     def chat(self, messages: Sequence[Mapping[str, Any]], max_tokens: int | None = 512, stop: Sequence[str] = (),
-             constraint: LogitsConstraint | None = None, **sampling: Any) -> Generation:
+             constraint: LogitsConstraint | None = None, logprobs: int | None = None, **sampling: Any) -> Generation:
         """Stream the assistant's reply to a conversation [{"role": ..., "content": ...}, ...]."""
-        return self._start(self.chat_tokens(messages), max_tokens, stop, sampling, constraint)
+        return self._start(self.chat_tokens(messages), max_tokens, stop, sampling, constraint, logprobs)
 
     def _start(self, ids: list[int], max_tokens: int | None, stop: Sequence[str], sampling: dict,
-               constraint: LogitsConstraint | None = None) -> Generation:
+               constraint: LogitsConstraint | None = None, logprobs: int | None = None) -> Generation:
         """Create a generation (queued on the scheduler at its first iteration)."""
         self._check_open()
         self._check_ids(ids)
@@ -321,8 +325,11 @@ class Model:
         unknown = sorted(k for k in sampling if k not in known)
         if unknown:
             raise ModelError(f"unknown sampling parameter(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                     or not 0 <= logprobs <= MAX_LOGPROBS):
+            raise ModelError(f"logprobs must be an integer in 0..{MAX_LOGPROBS} or None, got {logprobs!r}")
         gen = Generation(self._scheduler, self.tokenizer, ids, SamplingParams(**sampling),
-                         _max_tokens(max_tokens), stop, constraint=constraint)
+                         _max_tokens(max_tokens), stop, constraint=constraint, logprobs=logprobs)
         self._last = gen
         return gen
 

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from qf.runtime.scheduler import Scheduler
 
 FinishReason = Literal["stop", "length", "cancelled"]
-__all__ = ["Engine", "FinishReason", "Generation", "GenerationStats", "StopFilter"]
+__all__ = ["Engine", "FinishReason", "Generation", "GenerationStats", "StopFilter", "TokenLogprob"]
 _SEQ = itertools.count()  # arrival order of requests (prompt chunks are served oldest first)
 _DONE = object()  # queue sentinel: the request finished
 
@@ -41,6 +41,30 @@ class LogitsConstraint(Protocol):
 
     def accept(self, token: int) -> None:
         """The token that was sampled (the constraint advances its state)."""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the distribution it was sampled from (the model's logits,
+    after a structured-output mask, before penalties and temperature), and the most likely alternatives."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token, logprob), most likely first
+
+
+def token_logprob(logits: np.ndarray, token: int, k: int) -> TokenLogprob:
+    """log_softmax(logits)[token] and the k best (token, logprob) pairs."""
+    x = np.asarray(logits, dtype=np.float64)
+    finite = np.isfinite(x)
+    m = x[finite].max()
+    lse = m + np.log(np.exp(x[finite] - m).sum())
+    top: tuple[tuple[int, float], ...] = ()
+    if k > 0:
+        idx = np.argpartition(-x, min(k, x.size - 1))[:k]
+        idx = idx[np.argsort(-x[idx], kind="stable")]
+        top = tuple((int(i), float(x[i] - lse)) for i in idx)
+    return TokenLogprob(int(token), float(x[token] - lse), top)
 
 
 @dataclass
@@ -83,9 +107,12 @@ class Generation:
 
     def __init__(self, scheduler: Scheduler, tokenizer: Tokenizer, prompt: Sequence[int], params: SamplingParams,
                  max_tokens: int | None = None, stop: Sequence[str] = (), all_logits: bool = False,
-                 constraint: LogitsConstraint | None = None) -> None:
+                 constraint: LogitsConstraint | None = None, logprobs: int | None = None) -> None:
         check_prompt(len(prompt), scheduler.cache.n_ctx)
         self.constraint = constraint
+        self.n_logprobs = logprobs  # None: not recorded; k: the chosen token's logprob and the k best
+        self.logprobs: list[TokenLogprob] = []  # one per generated token, when n_logprobs is not None
+        self.n_read = 0  # tokens whose text the caller has iterated past
         self.scheduler, self.tokenizer = scheduler, tokenizer
         self.prompt = [int(t) for t in prompt]
         self.params = params
@@ -122,11 +149,13 @@ class Generation:
         item = self._queue.get()
         if item is _DONE:
             self._queue = None
+            self.n_read = len(self.tokens)
             raise StopIteration
         if isinstance(item, BaseException):
             self._queue = None
             raise item
-        return item
+        text, self.n_read = item
+        return text
 
     def start(self) -> "Generation":
         """Queue on the scheduler now rather than at the first iteration (a no-op once started); returns self."""
@@ -209,6 +238,8 @@ class Generation:
             if tok in self.tokenizer.eog_ids:
                 reason = "stop"
             else:
+                if self.n_logprobs is not None:
+                    self.logprobs.append(token_logprob(logits, tok, self.n_logprobs))
                 self.tokens.append(tok)
                 self._history.append(tok)
                 text, by_string = self._stops.push(self._stream.feed(tok))
@@ -219,7 +250,7 @@ class Generation:
                 self.next_token = tok
         self.stats.t_gen += time.perf_counter() - t0
         if text:
-            self._queue.put(text)
+            self._queue.put((text, len(self.tokens)))
         if reason is not None:
             self._finish(reason, flush=not by_string)
 
@@ -230,7 +261,7 @@ class Generation:
         if flush:
             tail = self._stops.push(self._stream.flush())[0] + self._stops.flush()
             if tail:
-                self._queue.put(tail)
+                self._queue.put((tail, len(self.tokens)))
         self.finish_reason = reason
         self.stats.n_gen = len(self.tokens)
         self.done = True

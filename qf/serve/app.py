@@ -200,7 +200,8 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
         if req.stream:
             return _sse(request, state, gen, _chat_events(state, req, gen, rid))
         text = await _collect(request, state, gen)
-        return P.chat_response(rid, s.model_id, text, _reason(gen), len(gen.prompt), len(gen.tokens))
+        lp = P.chat_logprobs(state.model.tokenizer, gen.logprobs) if gen.n_logprobs is not None else None
+        return P.chat_response(rid, s.model_id, text, _reason(gen), len(gen.prompt), len(gen.tokens), lp)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -212,7 +213,10 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
         if req.stream:
             return _sse(request, state, gen, _completion_events(state, req, gen, rid, prefix))
         text = prefix + await _collect(request, state, gen)
-        return P.completion_response(rid, s.model_id, text, _reason(gen), len(gen.prompt), len(gen.tokens))
+        lp = (P.completion_logprobs(state.model.tokenizer, gen.logprobs, len(prefix))
+              if gen.n_logprobs is not None else None)
+        return P.completion_response(rid, s.model_id, text, _reason(gen), len(gen.prompt), len(gen.tokens),
+                                     logprobs=lp)
 
 
 def _model_card(state: ServerState) -> dict[str, Any]:
@@ -283,7 +287,7 @@ def _start_chat(state: ServerState, req: P.ChatRequest) -> Generation:
     _check_budget(state, len(ids), req.limit())
     constraint = _constraint(state, req.response_format)
     gen = _call(lambda: m.generate(ids, max_tokens=req.limit(), stop=req.stop, constraint=constraint,
-                                   **req.sampling()))
+                                   logprobs=req.n_logprobs(), **req.sampling()))
     state.metrics.started(len(ids))
     return gen.start()
 
@@ -295,7 +299,8 @@ def _start_completion(state: ServerState, req: P.CompletionRequest) -> Generatio
     ids = _prompt(state, lambda: m.tokenize(req.prompt, max_tokens=m.n_ctx) if isinstance(req.prompt, str)
                   else list(req.prompt), "prompt")
     _check_budget(state, len(ids), req.max_tokens)
-    gen = _call(lambda: m.generate(ids, max_tokens=req.max_tokens, stop=req.stop, **req.sampling()))
+    gen = _call(lambda: m.generate(ids, max_tokens=req.max_tokens, stop=req.stop, logprobs=req.logprobs,
+                                   **req.sampling()))
     state.metrics.started(len(ids))
     return gen.start()
 
@@ -362,14 +367,30 @@ def _sse(request: Request, state: ServerState, gen: Generation, events: AsyncIte
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+class _NewLogprobs:
+    """The logprob entries of tokens the caller has read since the last call."""
+
+    def __init__(self, gen: Generation) -> None:
+        self.gen, self.done = gen, 0
+
+    def take(self) -> list[Any]:
+        """Entries up to the generation's read position (empty when logprobs are off)."""
+        if self.gen.n_logprobs is None:
+            return []
+        new = self.gen.logprobs[self.done:self.gen.n_read]
+        self.done += len(new)
+        return new
+
+
 async def _chat_events(state: ServerState, req: P.ChatRequest, gen: Generation, rid: str
                        ) -> AsyncIterator[dict[str, Any]]:
     """chat.completion.chunk events: the role, the content pieces, the finish reason, the usage."""
-    mid = state.settings.model_id
+    mid, tok, fresh = state.settings.model_id, state.model.tokenizer, _NewLogprobs(gen)
+    lp = (lambda: P.chat_logprobs(tok, fresh.take()) if gen.n_logprobs is not None else None)  # noqa: E731
     yield P.chat_chunk(rid, mid, {"role": "assistant", "content": ""})
     async for piece in _pieces(state, gen):
-        yield P.chat_chunk(rid, mid, {"content": piece})
-    yield P.chat_chunk(rid, mid, {}, _reason(gen))
+        yield P.chat_chunk(rid, mid, {"content": piece}, logprobs=lp())
+    yield P.chat_chunk(rid, mid, {}, _reason(gen), logprobs=lp())
     if req.include_usage:
         yield P.chat_chunk(rid, mid, {}, usage_obj=P.usage(len(gen.prompt), len(gen.tokens)), choices=False)
 
@@ -377,12 +398,21 @@ async def _chat_events(state: ServerState, req: P.ChatRequest, gen: Generation, 
 async def _completion_events(state: ServerState, req: P.CompletionRequest, gen: Generation, rid: str,
                              prefix: str) -> AsyncIterator[dict[str, Any]]:
     """text_completion chunks."""
-    mid = state.settings.model_id
+    mid, tok, fresh = state.settings.model_id, state.model.tokenizer, _NewLogprobs(gen)
+    offset = [len(prefix)]
+
+    def lp(text: str) -> dict[str, Any] | None:
+        if gen.n_logprobs is None:
+            return None
+        out = P.completion_logprobs(tok, fresh.take(), offset[0])
+        offset[0] += len(text)
+        return out
+
     if prefix:
         yield P.completion_response(rid, mid, prefix, None, 0, 0, chunk=True)
     async for piece in _pieces(state, gen):
-        yield P.completion_response(rid, mid, piece, None, 0, 0, chunk=True)
-    last = P.completion_response(rid, mid, "", _reason(gen), 0, 0, chunk=True)
+        yield P.completion_response(rid, mid, piece, None, 0, 0, chunk=True, logprobs=lp(piece))
+    last = P.completion_response(rid, mid, "", _reason(gen), 0, 0, chunk=True, logprobs=lp(""))
     if req.include_usage:
         last["usage"] = P.usage(len(gen.prompt), len(gen.tokens))
     yield last

@@ -112,6 +112,12 @@ class ChatRequest(_Request):
     messages: list[Message] = Field(min_length=1, max_length=4096)
     max_completion_tokens: int | None = Field(default=None, ge=0, le=1 << 20)
     response_format: ResponseFormat | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    def n_logprobs(self) -> int | None:
+        """Alternatives to record per token (None: no logprobs)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def limit(self) -> int | None:
         """max_completion_tokens, else max_tokens."""
@@ -128,6 +134,7 @@ class CompletionRequest(_Request):
     prompt: str | list[int]
     max_tokens: int | None = Field(default=16, ge=0, le=1 << 20)  # OpenAI's default for completions
     echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=5)  # the legacy API's alternatives per token
 
 
 class TokenizeRequest(BaseModel):
@@ -153,19 +160,53 @@ def usage(n_prompt: int, n_completion: int) -> dict[str, int]:
     return {"prompt_tokens": n_prompt, "completion_tokens": n_completion, "total_tokens": n_prompt + n_completion}
 
 
-def chat_response(rid: str, model: str, text: str, reason: str, n_prompt: int, n_gen: int) -> dict[str, Any]:
+def chat_response(rid: str, model: str, text: str, reason: str, n_prompt: int, n_gen: int,
+                  logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     """A chat.completion object."""
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                          "finish_reason": reason}],
             "usage": usage(n_prompt, n_gen)}
 
 
+def _token(tok: Any, tid: int) -> tuple[str, list[int]]:
+    """A token's text (invalid UTF-8 replaced, as OpenAI does) and its bytes."""
+    b = tok.token_bytes(tid)
+    return b.decode("utf-8", errors="replace"), list(b)
+
+
+def chat_logprobs(tok: Any, entries: list[Any]) -> dict[str, Any]:
+    """choices[].logprobs of the chat API: one entry per token with its top alternatives."""
+    content = []
+    for e in entries:
+        text, raw = _token(tok, e.token)
+        top = []
+        for tid, lp in e.top:
+            t, b = _token(tok, tid)
+            top.append({"token": t, "logprob": lp, "bytes": b})
+        content.append({"token": text, "logprob": e.logprob, "bytes": raw, "top_logprobs": top})
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(tok: Any, entries: list[Any], offset: int) -> dict[str, Any]:
+    """choices[].logprobs of the legacy completions API (tokens, token_logprobs, top_logprobs, text_offset)."""
+    out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for e in entries:
+        text = _token(tok, e.token)[0]
+        out["tokens"].append(text)
+        out["token_logprobs"].append(e.logprob)
+        out["top_logprobs"].append({_token(tok, tid)[0]: lp for tid, lp in e.top})
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
+
+
 def chat_chunk(rid: str, model: str, delta: dict[str, Any], reason: str | None = None,
-               usage_obj: dict[str, int] | None = None, choices: bool = True) -> dict[str, Any]:
+               usage_obj: dict[str, int] | None = None, choices: bool = True,
+               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     """A chat.completion.chunk object (choices empty for the final usage chunk)."""
     out: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-                           "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]
+                           "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]
                            if choices else []}
     if usage_obj is not None:
         out["usage"] = usage_obj
@@ -173,10 +214,10 @@ def chat_chunk(rid: str, model: str, delta: dict[str, Any], reason: str | None =
 
 
 def completion_response(rid: str, model: str, text: str, reason: str | None, n_prompt: int, n_gen: int,
-                        chunk: bool = False) -> dict[str, Any]:
+                        chunk: bool = False, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     """A text_completion object (or one streamed chunk of it)."""
     out: dict[str, Any] = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-                           "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}]}
+                           "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": reason}]}
     if not chunk:
         out["usage"] = usage(n_prompt, n_gen)
     return out
