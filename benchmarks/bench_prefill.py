@@ -4,6 +4,7 @@ f32 paths it replaced, on whole models, in interleaved rounds.
     python benchmarks/bench_prefill.py                          # SmolLM2 Q4_0, Q8_0, Q4_K_M, Q6_K; pp512, 2 threads
     python benchmarks/bench_prefill.py --types Q4_0 -p 128 --rounds 7 --threads 1
     python benchmarks/bench_prefill.py --gguf gemma-3-270m-q4_k_m.gguf
+    python benchmarks/bench_prefill.py --parts 1          # ggml's Q8_0 activations (llama.cpp's precision)
 
 Each round times ppN once per model and path: "int8" (the default from cpu.INT8_MIN_TOKENS on) and "f32"
 (the same model with INT8_MIN_TOKENS = None: decoded tiles + BLAS from BLAS_MIN_TOKENS, the fused kernel
@@ -70,7 +71,8 @@ def run_models(paths: dict[str, Path], n_prompt: int, rounds: int, threads: int)
         set_path("int8", default_min)
         for m in models.values():
             m.close()
-    print(f"\npp{n_prompt}, {threads} threads, {rounds} interleaved rounds, integer dot: {cpu.ISA.name}\n")
+    print(f"\npp{n_prompt}, {threads} threads, {rounds} interleaved rounds, integer dot: {cpu.ISA.name}, "
+          f"{cpu.INT8_PARTS} part(s)\n")
     print("| model | int8 t/s | f32 t/s | int8 / f32 (median of rounds) | min - max |\n|---|---|---|---|---|")
     for k in models:
         a, b = tps[(k, "int8")], tps[(k, "f32")]
@@ -129,12 +131,15 @@ def main() -> None:
     ap.add_argument("-p", "--n-prompt", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--parts", type=int, choices=(1, 2), help="8-bit parts per activation (default: cpu.INT8_PARTS)")
     ap.add_argument("--kernels", action="store_true", help="also time the matmul shapes alone")
     ap.add_argument("--kernel-types", default="Q4_0,Q8_0,Q5_0,Q4_K,Q6_K")
     args = ap.parse_args()
     from qf.runtime.kernels import cpu
 
     cpu.set_threads(args.threads)
+    if args.parts:
+        cpu.INT8_PARTS = args.parts
     if args.kernels:
         run_kernels([t.strip() for t in args.kernel_types.split(",") if t.strip()], args.n_prompt, args.rounds)
     paths = {f"SmolLM2 {t.strip()}": model_file(t.strip()) for t in args.types.split(",") if t.strip()}
