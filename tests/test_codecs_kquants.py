@@ -196,7 +196,7 @@ def test_search_beats_plain_rounding(smollm2_embd: np.ndarray, name: str) -> Non
     """ggml's search has lower RMSE than sub-block min/max rounding on real weights."""
     codec = get_codec(GGMLType[name])
     w = smollm2_embd[:64]
-    plain = codec.dequantize(codec.pack(ks.search_k_plain(w, BITS[name]))).reshape(w.shape)
+    plain = codec.dequantize(get_codec(GGMLType[name], "rtn").quantize(w)).reshape(w.shape)
     found = codec.dequantize(codec.quantize(w))
     rmse_plain = np.sqrt(np.mean((w - plain) ** 2))
     rmse_found = np.sqrt(np.mean((w - found) ** 2))

@@ -1,8 +1,15 @@
-"""Block codecs keyed by ggml type id: importing this package registers them all."""
+"""Codecs keyed by ggml type id: a layout per type (this package) and quantizer strategies (qf.quant.strategies).
+
+Importing this package registers every layout and strategy class; instances (and any tables) are built on
+first use by get_codec / get_layout.
+"""
 
 from qf.quant.codecs import floats, kquants, legacy
-from qf.quant.codecs.base import Codec, get_codec, registered_types
+from qf.quant.codecs.base import Codec, Layout, Strategy, get_codec, get_layout, registered_types, strategies
 
-CODEC_MODULES = (floats, legacy, kquants)  # each registers its classes on import
+LAYOUT_MODULES = (floats, legacy, kquants)  # each registers its layout classes on import
 
-__all__ = ["CODEC_MODULES", "Codec", "get_codec", "registered_types"]
+from qf.quant import strategies as _strategies  # noqa: E402  (registers the strategies; they import the layouts)
+
+__all__ = ["LAYOUT_MODULES", "Codec", "Layout", "Strategy", "get_codec", "get_layout", "registered_types",
+           "strategies"]

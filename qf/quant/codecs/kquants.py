@@ -1,48 +1,52 @@
-"""K-quant codecs (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K): 256-element super-blocks in ggml's layout.
+"""K-quant layouts (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K): 256-element super-blocks in ggml's layout.
 
-Values come from qf.quant.kquant_search (ggml's search, with or without importance); this module
-only lays codes out in bytes and reads them back. Dequantization is bit-exact with gguf.quants.
+Values come from the strategies in qf.quant.strategies (ggml's search, with or without importance, or plain
+rounding) as a kquant_search.KQuant; this module only lays them out in bytes, reads them back (unpack) and
+dequantizes, bit-exact with gguf.quants.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from numba import njit
 
-from qf.format.errors import QFError
 from qf.format.ggml_types import QK_K, GGMLType
 from qf.quant import kquant_search as ks
-from qf.quant.codecs.base import Codec
+from qf.quant.codecs.base import Layout
 from qf.quant.codecs.legacy import f16_field, put_f16
 
 _F32 = np.float32
-_FLT_MAX = 3.4028234663852886e38
-
-
-@njit(cache=True, error_model="numpy")
-def _first_nonfinite_row(x):
-    """Index of the first row of x [n, k] holding NaN or inf, else -1."""
-    for i in range(x.shape[0]):
-        for j in range(x.shape[1]):
-            if not (abs(x[i, j]) <= _FLT_MAX):
-                return i
-    return -1
-
-
-def as_superblocks(x: np.ndarray, qtype: GGMLType) -> np.ndarray:
-    """Finite C-contiguous f32 [n, 256] or QFError naming the first bad super-block."""
-    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, QK_K)
-    bad = _first_nonfinite_row(x)
-    if bad >= 0:
-        raise QFError(f"cannot quantize to {qtype.name}: super-block {bad} (elements {bad * QK_K}.."
-                      f"{bad * QK_K + QK_K - 1}) holds NaN or inf")
-    return x
 
 
 def _pack_2bit(L: np.ndarray) -> np.ndarray:
     """L: u8 [n, 256] codes 0..3 -> u8 [n, 64]: byte 32c + l holds element 128c + 32k + l at bits 2k."""
     q = L.reshape(-1, 2, 4, 32)
     return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(-1, 64)
+
+
+def _unpack_2bit(b: np.ndarray) -> np.ndarray:
+    """Inverse of _pack_2bit: u8 [n, 64] -> codes u8 [n, 256]."""
+    shifts = (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]
+    return ((b.reshape(-1, 2, 1, 32) >> shifts) & 3).reshape(-1, QK_K)
+
+
+def _unpack_nibbles(b: np.ndarray) -> np.ndarray:
+    """Inverse of _pack_nibbles: u8 [n, 128] -> codes u8 [n, 256] (0..15)."""
+    q = b.reshape(-1, 4, 1, 32)
+    return np.concatenate([q & 0xF, q >> 4], axis=2).reshape(-1, QK_K)
+
+
+def _bit_planes(b: np.ndarray) -> np.ndarray:
+    """u8 [n, 32] -> u8 [n, 256]: element 32k + l is bit k of byte l (Q3_K hmask, Q5_K qh)."""
+    return ((b[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1).reshape(-1, QK_K)
+
+
+def _pack_bit_planes(bits: np.ndarray) -> np.ndarray:
+    """Inverse of _bit_planes: u8 [n, 256] (0/1) -> u8 [n, 32]."""
+    high = bits.reshape(-1, 8, 32)
+    return np.bitwise_or.reduce(high << np.arange(8, dtype=np.uint8)[None, :, None], axis=1)
 
 
 def _pack_nibbles(L: np.ndarray) -> np.ndarray:
@@ -117,28 +121,31 @@ def _deq_q6_k(b, d, y):
                 y[i, e0 + l - 16 * half] = dl * _F32((low | (high << 4)) - 32)
 
 
-# ---------------------------------------------------------------- codecs
+# ---------------------------------------------------------------- layouts
 
-class _KCodec(Codec):
-    """Shared quantize path: finite check, ggml's search, then the type's byte layout."""
-
-    bits: int
-
-    def quantize_blocks(self, x: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
-        """x: f32 [n, 256] -> u8 [n, type_size]; importance f32 [n, 256] selects ggml's weighted search."""
-        x = as_superblocks(x, self.qtype)
-        r = ks.search_k(x, self.bits, importance)
-        return self.pack(r)
+class _KLayout(Layout):
+    """A K-quant super-block: pack a KQuant into bytes, unpack bytes into one."""
 
     def pack(self, r: ks.KQuant) -> np.ndarray:
-        """Search result -> block bytes."""
+        """Search result -> u8 [n, type_size]."""
+        raise NotImplementedError
+
+    def unpack(self, b: np.ndarray) -> ks.KQuant:
+        """u8 [n, type_size] -> the fields pack takes."""
         raise NotImplementedError
 
 
-class Q2_K(_KCodec, qtype=GGMLType.Q2_K):
-    """scales[16] (sc | m << 4), qs[64] (2-bit), d, dmin (f16): y = d*sc*q - dmin*m."""
+def _deq(kernel, b: np.ndarray, *fields: int, flag: bool | None = None) -> np.ndarray:
+    """Run a dequantize kernel over b [n, type_size] with the f16 fields at the given offsets."""
+    b = np.ascontiguousarray(b)
+    y = np.empty((b.shape[0], QK_K), np.float32)
+    args = [f16_field(b, at) for at in fields] + ([] if flag is None else [flag])
+    kernel(b, *args, y)
+    return y
 
-    bits = 2
+
+class Q2_K(_KLayout, qtype=GGMLType.Q2_K):
+    """scales[16] (sc | m << 4), qs[64] (2-bit), d, dmin (f16): y = d*sc*q - dmin*m."""
 
     def pack(self, r: ks.KQuant) -> np.ndarray:
         out = np.empty((r.L.shape[0], self.type_size), np.uint8)
@@ -148,39 +155,34 @@ class Q2_K(_KCodec, qtype=GGMLType.Q2_K):
         put_f16(out, 82, r.dmin)
         return out
 
+    def unpack(self, b: np.ndarray) -> ks.KQuant:
+        return ks.KQuant(f16_field(b, 80), f16_field(b, 82), b[:, 0:16].copy(), _unpack_2bit(b[:, 16:80]))
+
     def dequantize_blocks(self, b: np.ndarray) -> np.ndarray:
-        b = np.ascontiguousarray(b)
-        y = np.empty((b.shape[0], QK_K), np.float32)
-        _deq_q2_k(b, f16_field(b, 80), f16_field(b, 82), y)
-        return y
+        return _deq(_deq_q2_k, b, 80, 82)
 
 
-class Q3_K(_KCodec, qtype=GGMLType.Q3_K):
+class Q3_K(_KLayout, qtype=GGMLType.Q3_K):
     """hmask[32], qs[64] (low 2 bits), scales[12] (6-bit, +32), d (f16): y = d*(sc-32)*(q-4)."""
 
-    bits = 3
-
     def pack(self, r: ks.KQuant) -> np.ndarray:
-        n = r.L.shape[0]
-        high = (r.L > 3).astype(np.uint8).reshape(n, 8, 32)  # bit k of hmask[l] = element 32k + l
-        out = np.empty((n, self.type_size), np.uint8)
-        out[:, 0:32] = np.bitwise_or.reduce(high << np.arange(8, dtype=np.uint8)[None, :, None], axis=1)
+        out = np.empty((r.L.shape[0], self.type_size), np.uint8)
+        out[:, 0:32] = _pack_bit_planes((r.L > 3).astype(np.uint8))
         out[:, 32:96] = _pack_2bit(r.L & 3)
         out[:, 96:108] = r.scales
         put_f16(out, 108, r.d)
         return out
 
+    def unpack(self, b: np.ndarray) -> ks.KQuant:
+        L = _unpack_2bit(b[:, 32:96]) | (_bit_planes(b[:, 0:32]) << 2)
+        return ks.KQuant(f16_field(b, 108), np.zeros(b.shape[0], np.float32), b[:, 96:108].copy(), L)
+
     def dequantize_blocks(self, b: np.ndarray) -> np.ndarray:
-        b = np.ascontiguousarray(b)
-        y = np.empty((b.shape[0], QK_K), np.float32)
-        _deq_q3_k(b, f16_field(b, 108), y)
-        return y
+        return _deq(_deq_q3_k, b, 108)
 
 
-class Q4_K(_KCodec, qtype=GGMLType.Q4_K):
+class Q4_K(_KLayout, qtype=GGMLType.Q4_K):
     """d, dmin (f16), scales[12] (6-bit sc/m pairs), qs[128]: y = d*sc*q - dmin*m per 32."""
-
-    bits = 4
 
     def pack(self, r: ks.KQuant) -> np.ndarray:
         out = np.empty((r.L.shape[0], self.type_size), np.uint8)
@@ -190,40 +192,35 @@ class Q4_K(_KCodec, qtype=GGMLType.Q4_K):
         out[:, 16:144] = _pack_nibbles(r.L)
         return out
 
+    def unpack(self, b: np.ndarray) -> ks.KQuant:
+        return ks.KQuant(f16_field(b, 0), f16_field(b, 2), b[:, 4:16].copy(), _unpack_nibbles(b[:, 16:144]))
+
     def dequantize_blocks(self, b: np.ndarray) -> np.ndarray:
-        b = np.ascontiguousarray(b)
-        y = np.empty((b.shape[0], QK_K), np.float32)
-        _deq_q45_k(b, f16_field(b, 0), f16_field(b, 2), False, y)
-        return y
+        return _deq(_deq_q45_k, b, 0, 2, flag=False)
 
 
-class Q5_K(_KCodec, qtype=GGMLType.Q5_K):
+class Q5_K(_KLayout, qtype=GGMLType.Q5_K):
     """d, dmin (f16), scales[12], qh[32] (bit j of qh[l] = 5th bit of element 32j + l), qs[128]."""
 
-    bits = 5
-
     def pack(self, r: ks.KQuant) -> np.ndarray:
-        n = r.L.shape[0]
-        high = (r.L >> 4).reshape(n, 8, 32)
-        out = np.empty((n, self.type_size), np.uint8)
+        out = np.empty((r.L.shape[0], self.type_size), np.uint8)
         put_f16(out, 0, r.d)
         put_f16(out, 2, r.dmin)
         out[:, 4:16] = r.scales
-        out[:, 16:48] = np.bitwise_or.reduce(high << np.arange(8, dtype=np.uint8)[None, :, None], axis=1)
+        out[:, 16:48] = _pack_bit_planes(r.L >> 4)
         out[:, 48:176] = _pack_nibbles(r.L)
         return out
 
+    def unpack(self, b: np.ndarray) -> ks.KQuant:
+        L = _unpack_nibbles(b[:, 48:176]) | (_bit_planes(b[:, 16:48]) << 4)
+        return ks.KQuant(f16_field(b, 0), f16_field(b, 2), b[:, 4:16].copy(), L)
+
     def dequantize_blocks(self, b: np.ndarray) -> np.ndarray:
-        b = np.ascontiguousarray(b)
-        y = np.empty((b.shape[0], QK_K), np.float32)
-        _deq_q45_k(b, f16_field(b, 0), f16_field(b, 2), True, y)
-        return y
+        return _deq(_deq_q45_k, b, 0, 2, flag=True)
 
 
-class Q6_K(_KCodec, qtype=GGMLType.Q6_K):
+class Q6_K(_KLayout, qtype=GGMLType.Q6_K):
     """ql[128] (low 4 bits), qh[64] (high 2 bits), scales[16] (int8), d (f16): y = d*sc*(q-32)."""
-
-    bits = 6
 
     def pack(self, r: ks.KQuant) -> np.ndarray:
         n = r.L.shape[0]
@@ -239,24 +236,42 @@ class Q6_K(_KCodec, qtype=GGMLType.Q6_K):
         put_f16(out, 208, r.d)
         return out
 
+    def unpack(self, b: np.ndarray) -> ks.KQuant:
+        n = b.shape[0]
+        ql = b[:, 0:128].reshape(n, 2, 2, 32)  # [block, half, 0: k=0|k=2, 1: k=1|k=3, l]
+        low = np.stack([ql[:, :, 0] & 0xF, ql[:, :, 1] & 0xF, ql[:, :, 0] >> 4, ql[:, :, 1] >> 4], axis=2)
+        high = _unpack_2bit(b[:, 128:192]).reshape(n, 2, 4, 32)
+        L = (low | (high << 4)).reshape(n, QK_K)
+        return ks.KQuant(f16_field(b, 208), np.zeros(n, np.float32), b[:, 192:208].copy(), L)
+
     def dequantize_blocks(self, b: np.ndarray) -> np.ndarray:
-        b = np.ascontiguousarray(b)
-        y = np.empty((b.shape[0], QK_K), np.float32)
-        _deq_q6_k(b, f16_field(b, 208), y)
-        return y
+        return _deq(_deq_q6_k, b, 208)
 
 
-class Q8_K(Codec, qtype=GGMLType.Q8_K):
+class Q8KFields(NamedTuple):
+    """The fields of n Q8_K blocks."""
+
+    d: np.ndarray  # [n] f32
+    q: np.ndarray  # [n, 256] int8
+    bsums: np.ndarray  # [n, 16] int16: sums of 16 codes
+
+
+class Q8_K(Layout, qtype=GGMLType.Q8_K):
     """d (f32), qs[256] (int8), bsums[16] (int16 sums of 16 codes): ggml's activation format."""
 
-    def quantize_blocks(self, x: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
-        """x: f32 [n, 256] -> u8 [n, 292] (quantize_row_q8_K_ref; importance is not used)."""
-        d, q, bsums = ks.search_q8_k(as_superblocks(x, self.qtype))
-        out = np.empty((q.shape[0], self.type_size), np.uint8)
-        out[:, 0:4] = d.view(np.uint8).reshape(-1, 4)
-        out[:, 4:260] = q.view(np.uint8)
-        out[:, 260:292] = bsums.view(np.uint8).reshape(-1, 32)
+    def pack(self, f: Q8KFields) -> np.ndarray:
+        """Fields -> u8 [n, 292]."""
+        out = np.empty((f.q.shape[0], self.type_size), np.uint8)
+        out[:, 0:4] = np.asarray(f.d, np.float32).view(np.uint8).reshape(-1, 4)
+        out[:, 4:260] = f.q.view(np.uint8)
+        out[:, 260:292] = np.asarray(f.bsums, np.int16).view(np.uint8).reshape(-1, 32)
         return out
+
+    def unpack(self, b: np.ndarray) -> Q8KFields:
+        """u8 [n, 292] -> fields."""
+        b = np.ascontiguousarray(b)
+        return Q8KFields(b[:, 0:4].copy().view(np.float32).reshape(-1), b[:, 4:260].copy().view(np.int8),
+                         b[:, 260:292].copy().view(np.int16))
 
     def dequantize_blocks(self, b: np.ndarray) -> np.ndarray:
         """b: u8 [n, 292] -> f32 [n, 256]: d * q."""

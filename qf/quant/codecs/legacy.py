@@ -1,47 +1,34 @@
-"""Legacy 32-element block codecs (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), bit-exact with gguf.quants.
+"""Legacy 32-element block layouts (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), bit-exact with gguf.quants.
 
-Quantization is ggml's round-to-nearest (quantize_row_q*_ref in ggml-quants.c) as gguf-py writes it
-in numpy; the numba kernels repeat its float32 operations one for one. With an importance vector the
-sub-8-bit types follow ggml's quantize_row_q*_impl instead (weighted scale search, see
-qf.quant.kquant_search); Q8_0 ignores importance, as ggml does.
+A block is a scale d (f16), for the affine types a min m (f16), and 32 codes: 4-bit nibbles (element j in the
+low nibble of byte j, element j+16 in the high one), 5-bit with the fifth bits in a u32, or int8 for Q8_0.
+The values come from qf.quant.strategies (round-to-nearest, ggml's importance search); this module only lays
+them out in bytes, reads them back, and dequantizes.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from numba import njit
 
-from qf.format.errors import QFError
 from qf.format.ggml_types import GGMLType
-from qf.quant import kquant_search as ks
-from qf.quant.codecs.base import Codec
+from qf.quant.codecs.base import Layout
 
 QK = 32  # elements per legacy block
 _F32 = np.float32
-_FLT_MAX = 3.4028234663852886e38
 
 
-# ---------------------------------------------------------------- scalar helpers (numba)
+class LegacyFields(NamedTuple):
+    """The fields of n legacy blocks."""
 
-@njit(cache=True, error_model="numpy")
-def _cast_u8(v):
-    """numpy's float32 -> uint8 cast as gguf.quants meets it on x86: NaN and +-inf give 0."""
-    if not (abs(v) < 2147483648.0):
-        return 0
-    return int(v) & 0xFF
+    d: np.ndarray  # [n] f32 (stored as f16)
+    m: np.ndarray | None  # [n] f32 added min (affine types), else None
+    codes: np.ndarray  # [n, 32] u8: unsigned codes (Q8_0: int8 bits)
 
 
-@njit(cache=True, error_model="numpy")
-def _roundf_i8(v):
-    """gguf's np_roundf (half away from zero) then the int8 cast; NaN/inf give 0."""
-    a = abs(v)
-    if not (a < 2147483648.0):
-        return 0
-    fl = np.floor(a)
-    b = int(fl + np.floor(_F32(2.0) * (a - fl)))
-    r = b if v >= 0 else -b
-    return ((r + 128) & 0xFF) - 128
-
+# ---------------------------------------------------------------- pack / unpack kernels (numba)
 
 @njit(cache=True, error_model="numpy")
 def _pack_q4(q, out, i, at):
@@ -60,104 +47,6 @@ def _pack_q5(q, out, i, at):
         out[i, at + k] = np.uint8((h >> (8 * k)) & 0xFF)
     for j in range(QK // 2):
         out[i, at + 4 + j] = np.uint8((q[j] & 0xF) | ((q[j + QK // 2] & 0xF) << 4))
-
-
-# ---------------------------------------------------------------- quantize kernels (numba)
-
-@njit(cache=True, error_model="numpy")
-def _first_nonfinite(x):
-    """Index of the first block [n, QK] holding NaN or inf, else -1."""
-    for i in range(x.shape[0]):
-        for j in range(QK):
-            if not (abs(x[i, j]) <= _FLT_MAX):
-                return i
-    return -1
-
-
-@njit(cache=True, error_model="numpy")
-def _quantize_absmax(x, half, five_bit, out, d):
-    """Q4_0 (half 8) / Q5_0 (half 16): d = max / -half, q = trunc(x/d + half + .5) clipped."""
-    # x: [n, QK] f32 -> out: [n, type_size] u8 (scale bytes left to the caller), d: [n] f32
-    qmax = 2 * half - 1
-    neg_half = _F32(-half)
-    bias = _F32(half + 0.5)
-    q = np.empty(QK, np.int64)
-    for i in range(x.shape[0]):
-        amax = abs(x[i, 0])
-        mx = x[i, 0]
-        for j in range(1, QK):  # first index of the largest |x| (numpy argmax)
-            a = abs(x[i, j])
-            if a > amax:
-                amax = a
-                mx = x[i, j]
-        di = mx / neg_half
-        idi = _F32(1.0) / di if di != 0 else _F32(0.0)
-        d[i] = di
-        for j in range(QK):
-            q[j] = min(_cast_u8(x[i, j] * idi + bias), qmax)
-        if five_bit:
-            _pack_q5(q, out, i, 2)
-        else:
-            _pack_q4(q, out, i, 2)
-
-
-@njit(cache=True, error_model="numpy")
-def _block_min_max(x, mn, mx, ambiguous):
-    """Per-block min/max; flags blocks whose extreme is a zero present with both signs."""
-    # x: [n, QK] f32; mn, mx: [n] f32; ambiguous: [n] bool
-    for i in range(x.shape[0]):
-        lo = x[i, 0]
-        hi = x[i, 0]
-        pos0 = False
-        neg0 = False
-        for j in range(QK):
-            v = x[i, j]
-            if v < lo:
-                lo = v
-            if v > hi:
-                hi = v
-            if v == 0:
-                if np.signbit(v):
-                    neg0 = True
-                else:
-                    pos0 = True
-        mn[i] = lo
-        mx[i] = hi
-        ambiguous[i] = pos0 and neg0 and (lo == 0 or hi == 0)
-
-
-@njit(cache=True, error_model="numpy")
-def _quantize_minmax(x, mn, mx, qmax, five_bit, out, d):
-    """Q4_1 (qmax 15) / Q5_1 (qmax 31): d = (max - min) / qmax, q = trunc((x - min)/d + .5) clipped."""
-    # x: [n, QK] f32; mn, mx: [n] f32 -> out: [n, type_size] u8 (scale bytes left to the caller)
-    fq = _F32(qmax)
-    q = np.empty(QK, np.int64)
-    for i in range(x.shape[0]):
-        lo = mn[i]
-        di = (mx[i] - lo) / fq
-        idi = _F32(1.0) / di if di != 0 else _F32(0.0)
-        d[i] = di
-        for j in range(QK):
-            q[j] = min(_cast_u8((x[i, j] - lo) * idi + _F32(0.5)), qmax)
-        if five_bit:
-            _pack_q5(q, out, i, 4)
-        else:
-            _pack_q4(q, out, i, 4)
-
-
-@njit(cache=True, error_model="numpy")
-def _quantize_q8_0(x, out, d):
-    """Q8_0: d = max|x| / 127, q = round-half-away(x / d)."""
-    # x: [n, QK] f32 -> out: [n, 34] u8 (scale bytes left to the caller), d: [n] f32
-    for i in range(x.shape[0]):
-        amax = _F32(0.0)
-        for j in range(QK):
-            amax = max(amax, abs(x[i, j]))
-        di = amax / _F32(127.0)
-        idi = _F32(1.0) / di if di != 0 else _F32(0.0)
-        d[i] = di
-        for j in range(QK):
-            out[i, 2 + j] = np.uint8(_roundf_i8(x[i, j] * idi) & 0xFF)
 
 
 @njit(cache=True, error_model="numpy")
@@ -222,6 +111,16 @@ def _dequantize_q8_0(b, d, y):
             y[i, j] = _F32(v - 256 if v > 127 else v) * d[i]
 
 
+@njit(cache=True, error_model="numpy")
+def _unpack_codes(b, at, five_bit, L):
+    """Inverse of _pack_codes: the codes of every block of b [n, type_size] into L [n, QK]."""
+    q = np.empty(QK, np.int64)
+    for i in range(b.shape[0]):
+        _unpack_q(b, i, at, five_bit, q)
+        for j in range(QK):
+            L[i, j] = q[j]
+
+
 # ---------------------------------------------------------------- shared Python glue
 
 def f16_field(b: np.ndarray, at: int) -> np.ndarray:
@@ -234,75 +133,45 @@ def put_f16(out: np.ndarray, at: int, v: np.ndarray) -> None:
     out[:, at:at + 2] = np.asarray(v, dtype=np.float32).astype(np.float16).view(np.uint8).reshape(-1, 2)
 
 
-def check_finite(x: np.ndarray, qtype: GGMLType) -> None:
-    """Raise QFError when a block holds NaN or inf (ggml's result would be garbage)."""
-    bad = _first_nonfinite(x.reshape(-1, QK))
-    if bad >= 0:
-        raise QFError(f"cannot quantize to {qtype.name}: block {bad} "
-                      f"(elements {bad * QK}..{bad * QK + QK - 1}) holds NaN or inf")
+class _LegacyLayout(Layout):
+    """d (f16), [m (f16)], [qh (u32)], qs: the shared pack / unpack of the 32-element layouts."""
 
-
-def as_blocks(x: np.ndarray, n_cols: int) -> np.ndarray:
-    """C-contiguous f32 [n, n_cols] view or copy of x."""
-    return np.ascontiguousarray(x, dtype=np.float32).reshape(-1, n_cols)
-
-
-class _LegacyCodec(Codec):
-    """Finite-input check, round-to-nearest, and ggml's importance path shared by the 32-element codecs."""
-
-    nmax: int = 0  # importance path: make_qx_quants range (symmetric) or top code (affine)
+    bits: int = 4  # code width: 4, 5 or 8
     affine: bool = False
-    five_bit: bool = False
-    scale_bytes: int = 2  # d, or d and m
+    offset: int = 0  # symmetric types: x = d * (q - offset)
 
-    def quantize(self, x: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
-        """x: f32 [..., ne0] -> u8 [..., row_bytes]; importance (per column or like x) -> ggml's *_impl, per row."""
-        if importance is None or self.nmax == 0:
-            return super().quantize(x)
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        ne0 = x.shape[-1]
-        if ne0 % QK:
-            raise ValueError(f"row of {ne0} is not a multiple of the {self.qtype.name} block size {QK}")
-        imp = np.broadcast_to(np.asarray(importance, dtype=np.float32), x.shape).reshape(-1, ne0)
-        out = self.quantize_weighted(x.reshape(-1, ne0), imp)
-        return out.reshape(*x.shape[:-1], ne0 // QK * self.type_size)
+    @property
+    def scale_bytes(self) -> int:
+        """Bytes of d (and m) in front of the codes."""
+        return 4 if self.affine else 2
 
-    def quantize_blocks(self, x: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
-        """x: f32 [n, 32] -> u8 [n, type_size]; with importance [n, 32], the n blocks count as one row."""
-        x = as_blocks(x, QK)
-        if importance is not None and self.nmax:
-            return self.quantize_weighted(x.reshape(1, -1), np.asarray(importance, np.float32).reshape(1, -1))
-        check_finite(x, self.qtype)
-        return self.quantize_rtn(x)
-
-    def quantize_weighted(self, rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
-        """rows: f32 [r, ne0] -> u8 [r * ne0 / 32, type_size] by quantize_row_q*_impl."""
-        check_finite(rows, self.qtype)
-        d, m, L = ks.search_legacy(rows, importance, self.nmax, self.affine)
-        out = np.empty((L.shape[0], self.type_size), np.uint8)
-        _pack_codes(L, self.five_bit, out, self.scale_bytes)
-        put_f16(out, 0, d)
+    def pack(self, f: LegacyFields) -> np.ndarray:
+        """Fields -> u8 [n, type_size]."""
+        out = np.empty((f.codes.shape[0], self.type_size), np.uint8)
+        if self.bits == 8:
+            out[:, 2:] = f.codes
+        else:
+            _pack_codes(np.ascontiguousarray(f.codes), self.bits == 5, out, self.scale_bytes)
+        put_f16(out, 0, f.d)
         if self.affine:
-            put_f16(out, 2, m)
+            put_f16(out, 2, f.m)
         return out
 
-    def quantize_rtn(self, x: np.ndarray) -> np.ndarray:
-        """x: finite f32 [n, 32] -> u8 [n, type_size] by round-to-nearest."""
-        raise NotImplementedError
+    def unpack(self, b: np.ndarray) -> LegacyFields:
+        """u8 [n, type_size] -> fields."""
+        b = np.ascontiguousarray(b)
+        m = f16_field(b, 2) if self.affine else None
+        if self.bits == 8:
+            return LegacyFields(f16_field(b, 0), m, b[:, 2:].copy())
+        codes = np.empty((b.shape[0], QK), np.uint8)
+        _unpack_codes(b, self.scale_bytes, self.bits == 5, codes)
+        return LegacyFields(f16_field(b, 0), m, codes)
 
 
-class Q4_0(_LegacyCodec, qtype=GGMLType.Q4_0):
+class Q4_0(_LegacyLayout, qtype=GGMLType.Q4_0):
     """d (f16), qs[16]: x = d * (q - 8)."""
 
-    nmax = 8
-
-    def quantize_rtn(self, x: np.ndarray) -> np.ndarray:
-        out = np.empty((x.shape[0], self.type_size), np.uint8)
-        d = np.empty(x.shape[0], np.float32)
-        _quantize_absmax(x, 8, False, out, d)
-        put_f16(out, 0, d)
-        return out
-
+    offset = 8
 
     def dequantize_blocks(self, b: np.ndarray) -> np.ndarray:
         b = np.ascontiguousarray(b)
@@ -311,19 +180,11 @@ class Q4_0(_LegacyCodec, qtype=GGMLType.Q4_0):
         return y
 
 
-class Q5_0(_LegacyCodec, qtype=GGMLType.Q5_0):
+class Q5_0(_LegacyLayout, qtype=GGMLType.Q5_0):
     """d (f16), qh (u32), qs[16]: x = d * (q - 16)."""
 
-    nmax = 16
-    five_bit = True
-
-    def quantize_rtn(self, x: np.ndarray) -> np.ndarray:
-        out = np.empty((x.shape[0], self.type_size), np.uint8)
-        d = np.empty(x.shape[0], np.float32)
-        _quantize_absmax(x, 16, True, out, d)
-        put_f16(out, 0, d)
-        return out
-
+    bits = 5
+    offset = 16
 
     def dequantize_blocks(self, b: np.ndarray) -> np.ndarray:
         b = np.ascontiguousarray(b)
@@ -332,62 +193,32 @@ class Q5_0(_LegacyCodec, qtype=GGMLType.Q5_0):
         return y
 
 
-class _AffineCodec(_LegacyCodec):
+class _AffineLayout(_LegacyLayout):
     """Q4_1 / Q5_1: d (f16), m (f16), [qh (u32)], qs[16]: x = d * q + m."""
 
-    qmax: int
     affine = True
-    scale_bytes = 4
-
-    def quantize_rtn(self, x: np.ndarray) -> np.ndarray:
-        n = x.shape[0]
-        mn = np.empty(n, np.float32)
-        mx = np.empty(n, np.float32)
-        amb = np.empty(n, np.bool_)
-        _block_min_max(x, mn, mx, amb)
-        idx = np.flatnonzero(amb)
-        if idx.size:  # the sign of a zero extreme follows numpy's reduction order, as in gguf.quants
-            mn[idx] = x[idx].min(axis=1)
-            mx[idx] = x[idx].max(axis=1)
-        out = np.empty((n, self.type_size), np.uint8)
-        d = np.empty(n, np.float32)
-        _quantize_minmax(x, mn, mx, self.qmax, self.five_bit, out, d)
-        put_f16(out, 0, d)
-        put_f16(out, 2, mn)
-        return out
-
 
     def dequantize_blocks(self, b: np.ndarray) -> np.ndarray:
         b = np.ascontiguousarray(b)
         y = np.empty((b.shape[0], QK), np.float32)
-        _dequantize_affine(b, f16_field(b, 0), f16_field(b, 2), self.five_bit, y)
+        _dequantize_affine(b, f16_field(b, 0), f16_field(b, 2), self.bits == 5, y)
         return y
 
 
-class Q4_1(_AffineCodec, qtype=GGMLType.Q4_1):
+class Q4_1(_AffineLayout, qtype=GGMLType.Q4_1):
     """d, m (f16), qs[16]: 4-bit codes 0..15."""
 
-    qmax = 15
-    nmax = 15
 
-
-class Q5_1(_AffineCodec, qtype=GGMLType.Q5_1):
+class Q5_1(_AffineLayout, qtype=GGMLType.Q5_1):
     """d, m (f16), qh (u32), qs[16]: 5-bit codes 0..31."""
 
-    qmax = 31
-    nmax = 31
-    five_bit = True
+    bits = 5
 
 
-class Q8_0(_LegacyCodec, qtype=GGMLType.Q8_0):
+class Q8_0(_LegacyLayout, qtype=GGMLType.Q8_0):
     """d (f16), qs[32] (int8): x = d * q."""
 
-    def quantize_rtn(self, x: np.ndarray) -> np.ndarray:
-        out = np.empty((x.shape[0], self.type_size), np.uint8)
-        d = np.empty(x.shape[0], np.float32)
-        _quantize_q8_0(x, out, d)
-        put_f16(out, 0, d)
-        return out
+    bits = 8
 
     def dequantize_blocks(self, b: np.ndarray) -> np.ndarray:
         b = np.ascontiguousarray(b)

@@ -1,0 +1,10 @@
+"""Quantizer strategies: the algorithms that choose a type's values, registered per type (see codecs.base).
+
+Importing this package registers every strategy module listed in STRATEGY_MODULES.
+"""
+
+from qf.quant.strategies import legacy_k
+
+STRATEGY_MODULES = (legacy_k,)
+
+__all__ = ["STRATEGY_MODULES"]
