@@ -4,10 +4,10 @@ Importing this package registers every layout and strategy class; instances (and
 first use by get_codec / get_layout.
 """
 
-from qf.quant.codecs import floats, kquants, legacy
+from qf.quant.codecs import floats, iq4, kquants, legacy
 from qf.quant.codecs.base import Codec, Layout, Strategy, get_codec, get_layout, registered_types, strategies
 
-LAYOUT_MODULES = (floats, legacy, kquants)  # each registers its layout classes on import
+LAYOUT_MODULES = (floats, legacy, kquants, iq4)  # each registers its layout classes on import
 
 from qf.quant import strategies as _strategies  # noqa: E402  (registers the strategies; they import the layouts)
 

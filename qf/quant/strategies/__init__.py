@@ -3,8 +3,8 @@
 Importing this package registers every strategy module listed in STRATEGY_MODULES.
 """
 
-from qf.quant.strategies import legacy_k
+from qf.quant.strategies import iq4, legacy_k
 
-STRATEGY_MODULES = (legacy_k,)
+STRATEGY_MODULES = (legacy_k, iq4)
 
 __all__ = ["STRATEGY_MODULES"]
