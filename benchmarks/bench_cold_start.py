@@ -3,6 +3,7 @@
 
     python benchmarks/bench_cold_start.py                        # SmolLM2 Q4_K_M, 165-token prompt, 2 threads
     python benchmarks/bench_cold_start.py --types Q4_0,Q4_K_M --runs 2
+    python benchmarks/bench_cold_start.py --precompile          # also with cpu.precompile_async at start
 
 Each run is a new Python process (`python -c ...`) timed from its launch: imports, Model.load (weights
 mapped, hyperparameters checked, the warm-up batch and step that compile the decode kernels) and the prompt
@@ -30,6 +31,11 @@ import json, sys, time
 t0 = time.perf_counter()
 from qf.runtime import Model
 t1 = time.perf_counter()
+if sys.argv[4] == "1":  # the prefill kernels of the file's types compile in the background meanwhile
+    from qf.format.reader import open_gguf
+    from qf.runtime.kernels import cpu
+    with open_gguf(sys.argv[1]) as f:
+        bg = cpu.precompile_async({ti.type for ti in f.tensors.values()})
 m = Model.load(sys.argv[1], n_ctx=1024, n_threads=int(sys.argv[3]))
 t2 = time.perf_counter()
 ids = m.tokenize("Once upon a time, " * 64)[:int(sys.argv[2])]
@@ -41,12 +47,12 @@ print(json.dumps({"import": t1 - t0, "load": t2 - t1, "prompt": t3 - t2, "n_prom
 """
 
 
-def run_child(path: Path, n_prompt: int, threads: int, cache: str) -> dict:
+def run_child(path: Path, n_prompt: int, threads: int, cache: str, precompile: bool) -> dict:
     """One process to the first token; its phase times and the wall time from launch."""
     env = dict(os.environ, NUMBA_CACHE_DIR=cache)
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", CHILD, str(path), str(n_prompt), str(threads)], env=env,
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", CHILD, str(path), str(n_prompt), str(threads), str(int(precompile))],
+                         env=env, capture_output=True, text=True, check=True)
     wall = time.perf_counter() - t0
     res = json.loads(out.stdout.strip().splitlines()[-1])
     res["wall"] = wall
@@ -59,17 +65,22 @@ def main() -> None:
     ap.add_argument("-p", "--n-prompt", type=int, default=165)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=1, help="cold + warm pairs per type")
+    ap.add_argument("--precompile", action="store_true",
+                    help="also runs that start cpu.precompile_async (prefill kernels in a background process)")
     args = ap.parse_args()
     print(f"| model | run | to first token s | import s | load s | prompt ({args.n_prompt} tok) s |\n"
           "|---|---|---|---|---|---|")
+    modes = (False, True) if args.precompile else (False,)
     for t in (x.strip() for x in args.types.split(",") if x.strip()):
         path = model_file(t)
         for _ in range(args.runs):
-            with tempfile.TemporaryDirectory(prefix="qf-numba-") as cache:
-                for label in ("cold", "warm"):
-                    r = run_child(path, args.n_prompt, args.threads, cache)
-                    print(f"| SmolLM2 {t} | {label} | {r['wall']:.1f} | {r['import']:.1f} | {r['load']:.1f} | "
-                          f"{r['prompt']:.1f} |", flush=True)
+            for pre in modes:
+                with tempfile.TemporaryDirectory(prefix="qf-numba-") as cache:
+                    for label in ("cold", "warm"):
+                        r = run_child(path, args.n_prompt, args.threads, cache, pre)
+                        name = label + (" + background precompile" if pre else "")
+                        print(f"| SmolLM2 {t} | {name} | {r['wall']:.1f} | {r['import']:.1f} | {r['load']:.1f} | "
+                              f"{r['prompt']:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -227,3 +227,13 @@ def test_matmul_picks_int8_for_large_batches_only() -> None:
     assert not np.array_equal(cpu.matmul(w, x, blas=False), cpu.matmul(w, x))
     f16 = cpu.QMatrix(GGMLType.F16, rng.standard_normal((n_out, n_in)).astype(np.float16).view(np.uint8), n_in, n_out)
     assert np.array_equal(cpu.matmul(f16, x), cpu.matmul(f16, x, int8=False))  # float types: no int8 path
+
+
+# ------------------------------------------------------------------------------ cold start
+
+
+def test_precompile_marks_cached_types_and_skips_them() -> None:
+    assert cpu.precompile(["Q4_0", GGMLType.F16, int(GGMLType.Q6_K)]) == [GGMLType.Q4_0, GGMLType.Q6_K]
+    marker = cpu._precompiled_marker(GGMLType.Q4_0, None)
+    assert marker is not None and marker.exists()
+    assert cpu.precompile_async([GGMLType.Q4_0, GGMLType.Q6_K, GGMLType.F32]) is None  # all cached: no process

@@ -24,16 +24,20 @@ products (`vpdpbusd` where the host has AVX-512 VNNI). Its results are exact fun
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
 
 import numba
 import numpy as np
 
 from qf.format.errors import QFError
-from qf.format.ggml_types import GGMLType, row_bytes
+from qf.format.ggml_types import GGMLType, block_size, row_bytes
 from qf.runtime.kernels import cpu_blas, cpu_int8
-from qf.runtime.kernels.cpu_drivers import (DECODERS, Kind, matmul_items, matmul_kernel, matmul_tiles_kernel,
+from qf.runtime.kernels.cpu_drivers import (_STAMP, DECODERS, Kind, matmul_items, matmul_kernel, matmul_tiles_kernel,
                                             matvec_kernel, rows_kernel, tile_rows)
 from qf.runtime.kernels.cpu_idecode import IDECODERS
 from qf.runtime.kernels.cpu_isimd import LO_BITS, NATIVE_ISAS, Isa, best_isa
@@ -266,6 +270,47 @@ def matmul_q8(w: QMatrix, xq: Q8Activations, out: np.ndarray | None = None, *, i
     return y
 
 
+def precompile(types: Iterable[GGMLType | int | str], parts: int | None = None) -> list[GGMLType]:
+    """Compile (numba caches them on disk) the integer prefill kernels of these types now, on tiny inputs
+    with the argument types real calls use, and leave a marker per type; returns the types compiled."""
+    done = []
+    for t in types:
+        t = GGMLType[t] if isinstance(t, str) else GGMLType(t)
+        if t not in IDECODERS:
+            continue
+        n_in = max(32, block_size(t))
+        w = QMatrix(t, np.zeros((1, row_bytes(t, n_in)), np.uint8), n_in, 1)
+        matmul_q8(w, quantize_q8(np.zeros((1, n_in), np.float32), parts))
+        marker = _precompiled_marker(t, parts)
+        if marker is not None:
+            marker.touch()
+        done.append(t)
+    return done
+
+
+def _precompiled_marker(t: GGMLType, parts: int | None) -> Path | None:
+    """The file saying that t's integer kernels are in numba's disk cache (next to that cache: cleared with
+    it; the name carries the source stamp and the instruction set), or None when numba cannot cache."""
+    try:
+        folder = Path(cpu_int8.matmul_kernel._cache._cache_path)  # numba's cache folder of cpu_int8.py
+    except AttributeError:
+        return None
+    return folder / f"qf-int8-{_STAMP}-{ISA.name}-{INT8_PARTS if parts is None else parts}-{t.name}.done"
+
+
+def precompile_async(types: Iterable[GGMLType | int | str], parts: int | None = None) -> subprocess.Popen | None:
+    """`precompile` in a background process, for the types whose kernels are not cached yet: a fresh
+    install's first prompt then loads them from numba's disk cache instead of compiling them while the caller
+    loads and warms up. None when there is nothing to do (no integer kernel, all cached, caching off)."""
+    want = {GGMLType[t] if isinstance(t, str) else GGMLType(t) for t in types} & set(IDECODERS)
+    names = sorted(t.name for t in want if (m := _precompiled_marker(t, parts)) is not None and not m.exists())
+    if not names or numba.config.DISABLE_JIT:
+        return None
+    code = "import sys; from qf.runtime.kernels import cpu; cpu.precompile(sys.argv[2:], int(sys.argv[1]))"
+    return subprocess.Popen([sys.executable, "-c", code, str(INT8_PARTS if parts is None else parts), *names],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def _aligned_u8(rows: int, cols: int) -> np.ndarray:
     """A u8 [rows, cols] scratch whose rows start on 64-byte boundaries (cols a multiple of 64)."""
     raw = np.empty(rows * cols + 64, np.uint8)
@@ -327,4 +372,5 @@ def get_threads() -> int:
 
 
 __all__ = ["KernelError", "Q8Activations", "QMatrix", "get_rows", "get_threads", "int8_types", "matmul",
-           "matmul_q8", "matvec", "quantize_q8", "set_threads", "supported_types", "unpack_int8"]
+           "matmul_q8", "matvec", "precompile", "precompile_async", "quantize_q8", "set_threads", "supported_types",
+           "unpack_int8"]
