@@ -85,3 +85,31 @@ def test_zero_blocks_and_nonfinite(name: str) -> None:
     x[1, 300] = np.nan
     with pytest.raises(QFError, match=name):
         codec.quantize(x)
+
+
+def test_iq4_mix_rules() -> None:
+    """llama.cpp's llama_tensor_get_type for IQ4_NL / IQ4_XS (byte identity with llama-quantize is in
+    tests/test_llama_quantize.py)."""
+    from qf.quant.codecs import registered_types
+    from qf.quant.mixes import TensorCtx, choose_type, file_type, get_mix
+
+    avail = registered_types()
+    T = GGMLType
+    for name, t in (("IQ4_NL", T.IQ4_NL), ("IQ4_XS", T.IQ4_XS)):
+        mix = get_mix(name)
+
+        def pick(tname: str, ne0: int = 512, **kw) -> GGMLType:
+            return choose_type(mix, TensorCtx(tname, (ne0, 512), **kw), avail)
+
+        assert pick("blk.3.attn_q.weight") == t
+        assert pick("blk.3.attn_v.weight", n_gqa=4) == T.Q5_K
+        assert pick("blk.3.attn_v.weight", n_gqa=3) == t
+        assert pick("blk.0.ffn_down.weight", layer=0, n_layers=16) == T.Q5_K
+        assert pick("blk.0.ffn_down.weight", layer=0, n_layers=16, has_imatrix=True) == t
+        assert pick("blk.2.ffn_down.weight", layer=2, n_layers=16) == t
+        assert pick("blk.2.attn_output.weight", n_expert=8) == T.Q5_K
+        assert pick("output.weight") == T.Q6_K
+        assert pick("output.weight", ne0=576) == T.Q8_0
+        assert pick("blk.3.attn_q.weight", ne0=576) == T.IQ4_NL  # IQ4_XS falls back to IQ4_NL on 576-wide rows
+        assert pick("blk.3.attn_q.weight", ne0=48) == T.F16
+    assert (file_type("IQ4_NL"), file_type("IQ4_XS")) == (25, 30)

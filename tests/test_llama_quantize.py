@@ -39,12 +39,14 @@ TYPES = [t for t in mix_names() if get_mix(t).default in set(registered_types())
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory, smollm2_hf, tiny_checkpoint_module) -> dict[str, Path]:
-    """F16 .qf inputs: SmolLM2 and a 256-aligned random llama."""
+    """F16 .qf inputs: SmolLM2, a 256-aligned random llama, and one with n_head / n_head_kv = 4 (attn_v rules)."""
     d = tmp_path_factory.mktemp("lq-src")
     aligned = tiny_checkpoint_module(config={"hidden_size": 256, "intermediate_size": 512,
                                              "num_attention_heads": 4, "num_key_value_heads": 2}, layers=4)
+    gqa4 = tiny_checkpoint_module(config={"hidden_size": 256, "intermediate_size": 512,
+                                          "num_attention_heads": 8, "num_key_value_heads": 2}, layers=4)
     out = {}
-    for name, src in (("smollm2", smollm2_hf), ("aligned", aligned)):
+    for name, src in (("smollm2", smollm2_hf), ("aligned", aligned), ("gqa4", gqa4)):
         out[name] = convert(src, d / f"{name}-f16.qf", "F16").path
     return out
 
@@ -90,6 +92,17 @@ def test_mix_bytes_equal_llama_quantize(sources, tmp_path, model, qtype):
     _compare(tmp_path / "lc.gguf", tmp_path / "ours.qf")
 
 
+IQ4 = [t for t in ("IQ4_NL", "IQ4_XS") if t in TYPES]
+
+
+@pytest.mark.parametrize("qtype", IQ4)
+def test_iq4_gqa4_bytes_equal_llama_quantize(sources, tmp_path, qtype):
+    """IQ4_NL / IQ4_XS put attn_v at Q5_K when n_gqa >= 4."""
+    _llama_quantize(sources["gqa4"], tmp_path / "lc.gguf", qtype, [])
+    requantize(sources["gqa4"], tmp_path / "ours.qf", qtype)
+    _compare(tmp_path / "lc.gguf", tmp_path / "ours.qf")
+
+
 @pytest.mark.parametrize("args,overrides", [
     (["--pure"], Overrides(pure=True)),
     (["--tensor-type", "attn_v=q8_0", "--tensor-type", "ffn_down=q5_k"],
@@ -101,7 +114,8 @@ def test_options_bytes_equal_llama_quantize(sources, tmp_path, args, overrides):
     _compare(tmp_path / "lc.gguf", tmp_path / "ours.qf")
 
 
-@pytest.mark.parametrize("model,qtype", [("aligned", t) for t in TYPES] + [("smollm2", "Q4_K_M"), ("smollm2", "Q4_0")])
+@pytest.mark.parametrize("model,qtype", [("aligned", t) for t in TYPES] + [("smollm2", "Q4_K_M"), ("smollm2", "Q4_0")]
+                         + [("smollm2", t) for t in IQ4])
 def test_imatrix_bytes_equal_llama_quantize(sources, imatrices, tmp_path, model, qtype):
     from qf.quant.imatrix import load_imatrix
 

@@ -8,8 +8,8 @@ through FALLBACK when its block does not divide the row (ne[0]) or no codec exis
 --output-tensor-type and --token-embedding-type.
 
 Followed exactly for dense models (llama, qwen2, gemma...), including Falcon's and 8-expert MoE exceptions
-and the 70B attn_v bump. Not modelled: the IQ*/TQ*/MXFP4 mixes (no codecs here) and Q2_K_S (needs an
-imatrix). As in the llama.cpp source this follows, attn_qkv and attn_kv_b take the attn_v rules
+and the 70B attn_v bump, and IQ4_NL / IQ4_XS. Not modelled yet: the lower IQ*, TQ* and MXFP4 mixes (no
+codecs here) and Q2_K_S (needs an imatrix). As in the llama.cpp source this follows, attn_qkv and attn_kv_b take the attn_v rules
 (category_is_attn_v); its separate attn_qkv branch is unreachable there and so absent here.
 """
 
@@ -250,6 +250,13 @@ def attn_output(dense: GGMLType | None, falcon: GGMLType | None = None, moe: boo
             R(AOUT, dense))
 
 
+# IQ4_NL / IQ4_XS: attn_v at Q5_K with GQA >= 4; without an imatrix the first eighth of ffn_down at Q5_K;
+# attn_output at Q5_K on 8-expert models.
+IQ4_RULES = (R(V, T.Q5_K, gqa_at_least(4)),
+             R(DOWN, T.Q5_K, all_of(negate(with_imatrix), below(8))),
+             *attn_output(None, moe=True))
+
+
 def _k_mix(default: GGMLType, *rules: Rule) -> Mix:
     """A quantized mix: output rule, MoE overrides, then the mix's own rules."""
     return Mix(default, OUTPUT_RULES + MOE_RULES + tuple(rules))
@@ -293,6 +300,8 @@ MIXES: dict[str, Mix] = {
                    R(V, T.Q5_K, is_70b), R(V, T.Q4_K, gqa_at_least(4)), R(V, T.Q3_K),
                    R(DOWN, T.Q3_K),
                    *attn_output(T.Q3_K, moe=True)),
+    "IQ4_NL": _k_mix(T.IQ4_NL, *IQ4_RULES),
+    "IQ4_XS": _k_mix(T.IQ4_XS, *IQ4_RULES),
 }
 
 
