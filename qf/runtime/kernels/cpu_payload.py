@@ -31,74 +31,69 @@ FASTMATH = {"contract"}  # fuse a*b+c, never reorder sums: a row's result does n
 _JIT = dict(fastmath=FASTMATH, cache=True, error_model="numpy")
 
 
-@numba.njit(inline="always", **_JIT)
-def _int_x(kind, x: np.ndarray, n_words: int, wp: int) -> np.ndarray:
-    """x laid out for word vectors: xp[k * wp + w] = x[w * per_word + k], zeros for w >= n_words."""
+@numba.njit(**_JIT)
+def _int_x(kind, x: np.ndarray, n_words: int, wp: int, group: int, n_cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """(xp, xs) of tokens x [M, n_in]: xp[m, k * wp + w] = x[m, w * per_word + k] (zeros for w >= n_words), xs[m, g]
+    the sum of x[m] over inputs [g * group, (g + 1) * group) (zeros up to n_cols). Serial: a separate function
+    keeps numba from making parallel loops (thread launches) of these small ones."""
     pf = per_word(kind)
-    xp = np.zeros(pf * wp, np.float32)
-    for w in range(n_words):
-        for k in range(pf):
-            xp[k * wp + w] = x[w * pf + k]
-    return xp
+    xp = np.zeros((x.shape[0], pf * wp), np.float32)
+    xs = np.zeros((x.shape[0], n_cols), np.float32)
+    for m in range(x.shape[0]):
+        for w in range(n_words):
+            for k in range(pf):
+                xp[m, k * wp + w] = x[m, w * pf + k]
+        for i in range(x.shape[1]):
+            xs[m, i // group] += x[m, i]
+    return xp, xs
 
 
 @numba.njit(inline="always", **_JIT)
-def _group_sums(x: np.ndarray, size: int, n_cols: int) -> np.ndarray:
-    """xs[g] = sum of x over inputs [g * size, (g + 1) * size); zeros up to n_cols."""
-    xs = np.zeros(n_cols, np.float32)
-    for i in range(x.shape[0]):
-        xs[i // size] += x[i]
-    return xs
-
-
-@numba.njit(inline="always", **_JIT)
-def _positions(kind, v, xp: np.ndarray, w: int, wp: int):
-    """sum_k code_k(v) * x[(w + l) * per_word + k] per lane l (two chains, even and odd k)."""
+def _positions(kind, v, xp: np.ndarray, base: int, wp: int):
+    """sum_k code_k(v) * xp[base + k * wp + l] per lane l (two chains, even and odd k)."""
     p0 = vzero()
     p1 = vzero()
     for k in range(0, per_word(kind), 2):
-        p0 = vfma(word_code(kind, v, k), vload(xp, k * wp + w), p0)
-        p1 = vfma(word_code(kind, v, k + 1), vload(xp, (k + 1) * wp + w), p1)
+        p0 = vfma(word_code(kind, v, k), vload(xp, base + k * wp), p0)
+        p1 = vfma(word_code(kind, v, k + 1), vload(xp, base + (k + 1) * wp), p1)
     return vadd(p0, p1)
 
 
 @numba.njit(inline="always", **_JIT)
-def _int_dot(kind, row: np.ndarray, wpg: int, srow: np.ndarray, zrow: np.ndarray, zc: float, xp: np.ndarray,
-             xs: np.ndarray, wp: int, n_groups: int) -> float:
-    """sum_g s_g * (sum_{i in g} u_i x_i) - zc * sum_g zrow_g * xs_g for one packed row (zrow: s, or s * z)."""
-    n_words = row.shape[0]
+def _int_dot(kind, packed: np.ndarray, o: int, wshift: int, scale: np.ndarray, zs: np.ndarray, xp: np.ndarray,
+             xs: np.ndarray, m: int, n_groups: int) -> float:
+    """Row o of packed . token m: sum_g s_g * (sum_{i in g} u_i x_i) + zs_g * xs_g (zs = -s * z), in one vector.
+
+    Whole arrays and flat offsets rather than row views (a view per row costs reference-count calls)."""
+    n_words = packed.shape[1]
+    cols = scale.shape[1]
+    wp = xp.shape[1] // per_word(kind)
+    row, srow, xrow = o * n_words, o * cols, m * xp.shape[1]
     full = n_words // 16 * 16
     acc = vzero()
     for w in range(0, full, 16):
-        acc = vfma(_positions(kind, ld_words(row, w), xp, w, wp), ld_scales(kind, srow, w // wpg), acc)
+        p = _positions(kind, ld_words(packed, row + w), xp, xrow + w, wp)
+        acc = vfma(p, ld_scales(kind, scale, srow + (w >> wshift)), acc)
     if full < n_words:
-        v = ld_words_n(row, full, n_words - full)
-        acc = vfma(_positions(kind, v, xp, full, wp), ld_scales(kind, srow, full // wpg), acc)
-    z = vzero()
+        p = _positions(kind, ld_words_n(packed, row + full, n_words - full), xp, xrow + full, wp)
+        acc = vfma(p, ld_scales(kind, scale, srow + (full >> wshift)), acc)
     for g in range(0, n_groups, 16):
-        z = vfma(vload(zrow, g), vload(xs, g), z)
-    return vsum(acc) - np.float32(zc) * vsum(z)
+        acc = vfma(vload(zs, srow + g), vload(xs, m * cols + g), acc)
+    return vsum(acc)
 
 
 @numba.njit(parallel=True, **_JIT)
-def _int_matmul(kind, packed: np.ndarray, wpg: int, scale: np.ndarray, zs: np.ndarray, zc: float, n_groups: int,
+def _int_matmul(kind, packed: np.ndarray, wshift: int, group: int, scale: np.ndarray, zs: np.ndarray, n_groups: int,
                 x: np.ndarray, out: np.ndarray) -> None:
-    """out[m, o] = row o . x[m] for a packed u32 [O, W] matrix (groups of wpg words, wpg | W or one group);
-    scale, zs: [O, >= round16(n_groups) + 16] (zs: s for symmetric codes, s * z else); every token's sum is
-    the one it gets alone."""
+    """out[m, o] = row o . x[m] for a packed u32 [O, W] matrix; groups of 2^wshift words (wshift 62: one group)
+    and `group` inputs; scale, zs: [O, >= round16(n_groups) + 16] (zs: -zc * s for symmetric codes, -s * z
+    else); every token's sum is the one it gets alone."""
     n_words = packed.shape[1]
     wp = (n_words + 15) // 16 * 16
-    n_cols = scale.shape[1]
-    pf = per_word(kind)
-    m_tok = x.shape[0]
-    xps = np.empty((m_tok, pf * wp), np.float32)
-    xss = np.empty((m_tok, n_cols), np.float32)
-    for m in range(m_tok):
-        xps[m] = _int_x(kind, x[m], n_words, wp)
-        xss[m] = _group_sums(x[m], wpg * pf, n_cols)
+    xps, xss = _int_x(kind, x, n_words, wp, group, scale.shape[1])
     for o in prange(packed.shape[0]):
-        for m in range(m_tok):
-            out[m, o] = _int_dot(kind, packed[o], wpg, scale[o], zs[o], zc, xps[m], xss[m], wp, n_groups)
+        for m in range(x.shape[0]):
+            out[m, o] = _int_dot(kind, packed, o, wshift, scale, zs, xps, xss, m, n_groups)
 
 
 @numba.njit(parallel=True, **_JIT)
@@ -165,37 +160,48 @@ def _int_rows(packed: np.ndarray, bits: int, gidx: np.ndarray, scale: np.ndarray
 
 
 @numba.njit(inline="always", **_JIT)
-def _fp8_dot(row: np.ndarray, srow: np.ndarray, bw: int, xpad: np.ndarray, n_in: int) -> float:
-    """sum_c srow[c] * sum_{i in block c} e4m3(row[i]) / 256 * x[i] (srow: scales * 256); xpad: x and >= 32 zeros."""
+def _fp8_dot(vals: np.ndarray, o: int, scale: np.ndarray, bh: int, bw: int, xpad: np.ndarray, m: int) -> float:
+    """Row o of vals . token m: sum_c scale[o // bh, c] * sum_{i in block c} e4m3(vals[o, i]) / 256 * x[m, i]
+    (scale: times 256; xpad: x and >= 32 zero columns). Flat offsets, no row views (see _int_dot)."""
+    n_in = vals.shape[1]
+    row, xrow = o * n_in, m * xpad.shape[1]
     acc = vzero()
-    for c in range(srow.shape[0]):
-        i1 = min(n_in, (c + 1) * bw)
+    for c in range(scale.shape[1]):
+        i = c * bw
+        i1 = min(n_in, i + bw)
         p0 = vzero()
         p1 = vzero()
-        i = c * bw
         while i + 32 <= i1:
-            v0, v1 = ld_e4m3_x2(row, i)
-            p0 = vfma(v0, vload(xpad, i), p0)
-            p1 = vfma(v1, vload(xpad, i + 16), p1)
+            v0, v1 = ld_e4m3_x2(vals, row + i)
+            p0 = vfma(v0, vload(xpad, xrow + i), p0)
+            p1 = vfma(v1, vload(xpad, xrow + i + 16), p1)
             i += 32
         if i < i1:
-            v0, v1 = ld_e4m3_x2_n(row, i, i1 - i)
-            p0 = vfma(v0, vload(xpad, i), p0)
-            p1 = vfma(v1, vload(xpad, i + 16), p1)
-        acc = vfma(vadd(p0, p1), vsplat(srow[c]), acc)
+            v0, v1 = ld_e4m3_x2_n(vals, row + i, i1 - i)
+            p0 = vfma(v0, vload(xpad, xrow + i), p0)
+            p1 = vfma(v1, vload(xpad, xrow + i + 16), p1)
+        acc = vfma(vadd(p0, p1), vsplat(scale[o // bh, c]), acc)
     return vsum(acc)
+
+
+@numba.njit(**_JIT)
+def _fp8_x(x: np.ndarray) -> np.ndarray:
+    """x [M, n_in] followed by 32 zero columns (serial, see _int_x)."""
+    xpad = np.zeros((x.shape[0], x.shape[1] + 32), np.float32)
+    for m in range(x.shape[0]):
+        for i in range(x.shape[1]):
+            xpad[m, i] = x[m, i]
+    return xpad
 
 
 @numba.njit(parallel=True, **_JIT)
 def _fp8_matmul(vals: np.ndarray, scale: np.ndarray, bh: int, bw: int, x: np.ndarray, out: np.ndarray) -> None:
     """out[m, o] = sum_c scale[o // bh, c] * sum_{i in block c} e4m3(vals[o, i]) x[m, i] (scale: times 256);
     every token's sum is the one it gets alone."""
-    n_in = vals.shape[1]
-    xpad = np.zeros((x.shape[0], n_in + 32), np.float32)
-    xpad[:, :n_in] = x
+    xpad = _fp8_x(x)
     for o in prange(vals.shape[0]):
         for m in range(x.shape[0]):
-            out[m, o] = _fp8_dot(vals[o], scale[o // bh], bw, xpad[m], n_in)
+            out[m, o] = _fp8_dot(vals, o, scale, bh, bw, xpad, m)
 
 
 @numba.njit(parallel=True, **_JIT)
@@ -266,9 +272,9 @@ def _scale_lanes(group: int, bits: int, n_words: int) -> int:
     """Words per scale group as seen by a 16-word vector (16: one group per vector), 0 when the vector kernel
     cannot express the grouping."""
     wpg = n_words if group <= 0 else group * bits // 32
-    if group <= 0 or wpg % 16 == 0:
-        return 16
-    return wpg if wpg in (1, 2, 4, 8) else 0
+    if group > 0 and wpg & (wpg - 1):  # the group of a word is a shift
+        return 0
+    return min(wpg, 16)
 
 
 class IntGroupMatrix(PayloadMatrix):
@@ -290,11 +296,10 @@ class IntGroupMatrix(PayloadMatrix):
         self.kind = PayloadKind(p.bits, lanes) if lanes else None
         self.row_kind = PayloadKind(p.bits, 16) if not self.gidx_given and self.group % 16 == 0 else None
         if self.kind is not None:
-            self.wpg = self.group * p.bits // 32
+            self.wshift = 62 if p.group <= 0 else (self.group * p.bits // 32).bit_length() - 1
             cols = -(-self.scale.shape[1] // 16) * 16 + 16
             self.scale_pad = _padded(self.scale, cols)
-            self.zs_pad = self.scale_pad if not self.zero.size else _padded(self.scale * self.zero, cols)
-            self.zs_c = self.zc if not self.zero.size else 1.0
+            self.zs_pad = _padded(-self.scale * (self.zero if self.zero.size else np.float32(self.zc)), cols)
 
     def fused(self, x: np.ndarray) -> np.ndarray:
         """Fused decode, 16 words per vector (or per input with a group index)."""
@@ -303,7 +308,7 @@ class IntGroupMatrix(PayloadMatrix):
             for m in range(x.shape[0]):
                 _int_matvec_gidx(self.packed, self.bits, self.gidx, self.scale, self.zero, self.zc, x[m], out[m])
         else:
-            _int_matmul(self.kind, self.packed, self.wpg, self.scale_pad, self.zs_pad, self.zs_c,
+            _int_matmul(self.kind, self.packed, self.wshift, self.group, self.scale_pad, self.zs_pad,
                         self.scale.shape[1], x, out)
         return out
 
