@@ -22,11 +22,12 @@ from qf.quant.formats.fp8 import E4M3
 from qf.runtime.kernels.cpu_payload_simd import (
     E4M3_SCALE, PayloadKind, code16, ld_e4m3_x2, ld_e4m3_x2_n, ld_scales, ld_words, ld_words_n, per_word, word_code,
 )
-from qf.runtime.kernels.cpu_simd import vadd, vfma, vload, vmul, vsplat, vstore, vsum, vzero
+from qf.runtime.kernels.cpu_simd import prefetch, vadd, vfma, vload, vmul, vsplat, vstore, vsum, vzero
 
 TILE_VALUES = 1 << 20  # weights decoded per tile of a batched product (4 MiB of f32)
 
 
+PREFETCH = 2048  # bytes ahead of the ones being decoded (as cpu_drivers)
 FASTMATH = {"contract"}  # fuse a*b+c, never reorder sums: a row's result does not depend on the batch
 _JIT = dict(fastmath=FASTMATH, cache=True, error_model="numpy")
 
@@ -43,8 +44,11 @@ def _int_x(kind, x: np.ndarray, n_words: int, wp: int, group: int, n_cols: int) 
         for w in range(n_words):
             for k in range(pf):
                 xp[m, k * wp + w] = x[m, w * pf + k]
-        for i in range(x.shape[1]):
-            xs[m, i // group] += x[m, i]
+        for g in range(0, x.shape[1] // group):
+            t = np.float32(0.0)
+            for i in range(g * group, (g + 1) * group):
+                t += x[m, i]
+            xs[m, g] = t
     return xp, xs
 
 
@@ -72,6 +76,7 @@ def _int_dot(kind, packed: np.ndarray, o: int, wshift: int, scale: np.ndarray, z
     full = n_words // 16 * 16
     acc = vzero()
     for w in range(0, full, 16):
+        prefetch(packed, 4 * (row + w) + PREFETCH)
         p = _positions(kind, ld_words(packed, row + w), xp, xrow + w, wp)
         acc = vfma(p, ld_scales(kind, scale, srow + (w >> wshift)), acc)
     if full < n_words:
@@ -160,9 +165,10 @@ def _int_rows(packed: np.ndarray, bits: int, gidx: np.ndarray, scale: np.ndarray
 
 
 @numba.njit(inline="always", **_JIT)
-def _fp8_dot(vals: np.ndarray, o: int, scale: np.ndarray, bh: int, bw: int, xpad: np.ndarray, m: int) -> float:
-    """Row o of vals . token m: sum_c scale[o // bh, c] * sum_{i in block c} e4m3(vals[o, i]) / 256 * x[m, i]
-    (scale: times 256; xpad: x and >= 32 zero columns). Flat offsets, no row views (see _int_dot)."""
+def _fp8_dot(vals: np.ndarray, o: int, scale: np.ndarray, so: int, bw: int, xpad: np.ndarray, m: int) -> float:
+    """Row o of vals . token m: sum_c scale[so, c] * sum_{i in block c} e4m3(vals[o, i]) / 256 * x[m, i]
+    (scale: times 256, so: the row's scale row; xpad: x and >= 32 zero columns). Flat offsets, no row views
+    (see _int_dot)."""
     n_in = vals.shape[1]
     row, xrow = o * n_in, m * xpad.shape[1]
     acc = vzero()
@@ -172,6 +178,7 @@ def _fp8_dot(vals: np.ndarray, o: int, scale: np.ndarray, bh: int, bw: int, xpad
         p0 = vzero()
         p1 = vzero()
         while i + 32 <= i1:
+            prefetch(vals, row + i + PREFETCH)
             v0, v1 = ld_e4m3_x2(vals, row + i)
             p0 = vfma(v0, vload(xpad, xrow + i), p0)
             p1 = vfma(v1, vload(xpad, xrow + i + 16), p1)
@@ -180,7 +187,7 @@ def _fp8_dot(vals: np.ndarray, o: int, scale: np.ndarray, bh: int, bw: int, xpad
             v0, v1 = ld_e4m3_x2_n(vals, row + i, i1 - i)
             p0 = vfma(v0, vload(xpad, xrow + i), p0)
             p1 = vfma(v1, vload(xpad, xrow + i + 16), p1)
-        acc = vfma(vadd(p0, p1), vsplat(scale[o // bh, c]), acc)
+        acc = vfma(vadd(p0, p1), vsplat(scale[so, c]), acc)
     return vsum(acc)
 
 
@@ -195,13 +202,15 @@ def _fp8_x(x: np.ndarray) -> np.ndarray:
 
 
 @numba.njit(parallel=True, **_JIT)
-def _fp8_matmul(vals: np.ndarray, scale: np.ndarray, bh: int, bw: int, x: np.ndarray, out: np.ndarray) -> None:
-    """out[m, o] = sum_c scale[o // bh, c] * sum_{i in block c} e4m3(vals[o, i]) x[m, i] (scale: times 256);
-    every token's sum is the one it gets alone."""
+def _fp8_matmul(vals: np.ndarray, scale: np.ndarray, srow: np.ndarray, bw: int, x: np.ndarray,
+                out: np.ndarray) -> None:
+    """out[m, o] = sum_c scale[srow[o], c] * sum_{i in block c} e4m3(vals[o, i]) x[m, i] (scale: times 256;
+    srow: each row's scale row, no division per row); every token's sum is the one it gets alone."""
     xpad = _fp8_x(x)
     for o in prange(vals.shape[0]):
+        so = srow[o]
         for m in range(x.shape[0]):
-            out[m, o] = _fp8_dot(vals, o, scale, bh, bw, xpad, m)
+            out[m, o] = _fp8_dot(vals, o, scale, so, bw, xpad, m)
 
 
 @numba.njit(parallel=True, **_JIT)
@@ -335,11 +344,12 @@ class Fp8Matrix(PayloadMatrix):
         shape = (-(-self.n_out // self.bh), -(-self.n_in // self.bw))
         self.scale = np.ascontiguousarray(scales_f32(a["weight_scale"]).reshape(shape) * np.float32(E4M3_SCALE))
         self.table = E4M3 / np.float32(E4M3_SCALE)
+        self.srow = np.arange(self.n_out, dtype=np.int64) // self.bh
 
     def fused(self, x: np.ndarray) -> np.ndarray:
         """Fused decode, 32 bytes per step."""
         out = np.empty((x.shape[0], self.n_out), np.float32)
-        _fp8_matmul(self.vals, self.scale, self.bh, self.bw, x, out)
+        _fp8_matmul(self.vals, self.scale, self.srow, self.bw, x, out)
         return out
 
     def rows(self, r0: int, r1: int) -> np.ndarray:
