@@ -1,11 +1,15 @@
 """CPU kernels for payload weights (qf.quant.formats): integer-group codes and FP8, straight from the mmap.
 
-Decode (one row) is a fused dequant matvec, parallel over output rows: integer codes are summed per group
-against the activations and scaled once per group (sum s * (u - z) x = s * (sum u x - z * sum x), the group
-sums of x computed once per call); with a group index each input is scaled by its own group. FP8 values go
-through a 256-entry table and are scaled once per scale block. A batch decodes tiles of rows to f32 and
-multiplies them with BLAS (numpy), or runs the fused kernel row by row when each row must equal its result
-alone (exact_rows). Dispatch is by scheme name (`PAYLOAD_KERNELS`), the same key as the format registry.
+Decode is a fused dequant dot product per output row, parallel over rows, in 16-lane vectors
+(cpu_payload_simd.py holds the layout decoders). Integer codes: a vector is 16 words; each code position
+multiplies the activations laid out to match (xp), products are scaled per lane by their group's scale and
+the zero points enter as -s * z times the group sums of x (sum s * (u - z) x = s * sum u x - s * z * sum x),
+all in one vector sum. Bit width and words per group are compile-time (PayloadKind). With a group index
+(act-order) a per-input scalar kernel runs. FP8 e4m3 bytes are decoded exactly through f16 32 at a time and
+scaled once per scale block. The same fused kernel serves a few tokens and exact rows (each token sums
+exactly as alone); larger batches decode row tiles to f32 (vector decode, equal to the reference dequantizer
+bit for bit) and multiply them with BLAS (numpy). Dispatch is by scheme name (`PAYLOAD_KERNELS`), the same
+key as the format registry.
 """
 
 from __future__ import annotations
