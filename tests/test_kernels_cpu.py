@@ -26,6 +26,7 @@ F16_FIELDS: dict[GGMLType, tuple[int, ...]] = {
     GGMLType.Q4_0: (0,), GGMLType.Q4_1: (0, 2), GGMLType.Q5_0: (0,), GGMLType.Q5_1: (0, 2),
     GGMLType.Q8_0: (0,), GGMLType.Q2_K: (80, 82), GGMLType.Q3_K: (108,), GGMLType.Q4_K: (0, 2),
     GGMLType.Q5_K: (0, 2), GGMLType.Q6_K: (208,), GGMLType.F16: (0,), GGMLType.BF16: (0,),
+    GGMLType.IQ4_NL: (0,), GGMLType.IQ4_XS: (0,),
 }
 
 

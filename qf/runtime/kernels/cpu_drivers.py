@@ -20,7 +20,7 @@ from numba import njit, prange, types
 from numba.extending import NativeValue, models, overload, register_model, typeof_impl, unbox
 
 from qf.format.ggml_types import GGMLType
-from qf.runtime.kernels import cpu_float, cpu_kquants, cpu_legacy
+from qf.runtime.kernels import cpu_float, cpu_iq, cpu_kquants, cpu_legacy
 from qf.runtime.kernels.cpu_blas import sgemm
 from qf.runtime.kernels.cpu_decoder import FASTMATH, UNIT, Decoder
 from qf.runtime.kernels.cpu_simd import prefetch, vadd, vfma, vload, vstore, vsum, vzero
@@ -31,10 +31,11 @@ TILE_BYTES = 512 * 1024  # matmul by tiles: f32 bytes of one thread's decoded ti
 TILE_ROWS = 128  # ... and at most this many rows (measured: 64-128 best on SmolLM2 shapes)
 
 # ggml type -> its decoders: the registry every driver specialises on.
-DECODERS: dict[GGMLType, Decoder] = {**cpu_float.DECODERS, **cpu_legacy.DECODERS, **cpu_kquants.DECODERS}
+DECODERS: dict[GGMLType, Decoder] = {**cpu_float.DECODERS, **cpu_legacy.DECODERS, **cpu_kquants.DECODERS,
+                                     **cpu_iq.DECODERS}
 
-_DECODER_MODULES = ("cpu_simd.py", "cpu_decoder.py", "cpu_float.py", "cpu_legacy.py", "cpu_kquants.py", "cpu_blas.py",
-                    "cpu_isimd.py", "cpu_idecode.py")
+_DECODER_MODULES = ("cpu_simd.py", "cpu_decoder.py", "cpu_float.py", "cpu_legacy.py", "cpu_kquants.py", "cpu_iq.py",
+                    "cpu_blas.py", "cpu_isimd.py", "cpu_idecode.py")
 
 
 def _source_stamp() -> str:
