@@ -45,3 +45,7 @@ class ContextOverflowError(QFError):
 
 class PlanError(QFError):
     """A device placement cannot fit the requested budget."""
+
+
+class ModelClosedError(ModelError):
+    """The model was closed: every call fails and running generations end with this error."""

@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from qf.format.errors import ContextOverflowError, ModelError, PlanError
+from qf.format.errors import ContextOverflowError, ModelClosedError, ModelError, PlanError
 from qf.format.model_check import unsupported_architecture
 from qf.format.reader import open_gguf
 from qf.runtime.arch import all_forwards
@@ -356,9 +356,9 @@ class Model:
 
     # -- lifetime --------------------------------------------------------------------------------------
     def _check_open(self) -> None:
-        """ModelError once the model is closed."""
+        """ModelClosedError once the model is closed."""
         if self._closed:
-            raise ModelError(f"{self.path}: the model is closed")
+            raise ModelClosedError(f"{self.path}: the model is closed")
 
     def close(self) -> None:
         """Stop the scheduler (running generations end with an error) and release the mapped file; every
@@ -391,7 +391,8 @@ def _context_size(n_ctx: int | None, hp: HParams, allow_extension: bool = False)
         msg = (f"n_ctx = {n} is beyond the model's trained context of {hp.n_ctx_train} "
                f"({hp.arch}.context_length); quality degrades past it")
         if not allow_extension:
-            raise ModelError(msg + "; pass allow_context_extension=True (qrun --allow-context-extension) to use it anyway")
+            raise ModelError(msg + "; pass allow_context_extension=True (qrun --allow-context-extension) "
+                                   "to use it anyway")
         warnings.warn(msg, stacklevel=3)
     return n
 

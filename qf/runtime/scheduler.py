@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
-from qf.format.errors import ModelError, QFError
+from qf.format.errors import ModelClosedError, ModelError, QFError
 from qf.runtime.arch.llama import Batch, NonFiniteError
 from qf.runtime.kv_cache import KVCache
 from qf.runtime.threads import DecodeThreads
@@ -58,7 +58,7 @@ class Scheduler:
         """Queue a request; it starts when a slot is free."""
         with self._cv:
             if self._closed:
-                raise ModelError("the model is closed")
+                raise ModelClosedError("the model is closed")
             self._waiting.append(req)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="qf-scheduler", daemon=True)
@@ -115,7 +115,7 @@ class Scheduler:
         if t is not None and t is not threading.current_thread():
             t.join()
         for req in self._waiting + list(self._active.values()):
-            req._fail(ModelError("the model was closed while this generation ran"))
+            req._fail(ModelClosedError("the model was closed while this generation ran"))
         self._waiting.clear()
         self._active.clear()
 

@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from qf.format.errors import ContextOverflowError, ModelError, QFError
+from qf.format.errors import ContextOverflowError, ModelClosedError, QFError
 from qf.runtime.generate import Generation
 from qf.serve import protocol as P
 from qf.serve.grammar import GrammarError, GrammarFactory
@@ -100,7 +100,7 @@ def _qf_error(e: QFError) -> P.OpenAIError:
         return P.OpenAIError(400, str(e), code="context_length_exceeded")
     if isinstance(e, GrammarError):
         return P.OpenAIError(400, str(e), param="response_format")
-    if isinstance(e, ModelError) and "closed" in str(e):
+    if isinstance(e, ModelClosedError):
         return P.OpenAIError(503, "the server is shutting down", "server_error")
     return P.OpenAIError(400, str(e))
 
@@ -284,12 +284,7 @@ def _start_chat(state: ServerState, req: P.ChatRequest) -> Generation:
     _admit(state)
     m = state.model
     ids = _prompt(state, lambda: m.chat_tokens(req.conversation()), "messages")
-    _check_budget(state, len(ids), req.limit())
-    constraint = _constraint(state, req.response_format)
-    gen = _call(lambda: m.generate(ids, max_tokens=req.limit(), stop=req.stop, constraint=constraint,
-                                   logprobs=req.n_logprobs(), **req.sampling()))
-    state.metrics.started(len(ids))
-    return gen.start()
+    return _queue(state, req, ids, req.limit(), lambda: _constraint(state, req.response_format), req.n_logprobs())
 
 
 def _start_completion(state: ServerState, req: P.CompletionRequest) -> Generation:
@@ -298,9 +293,16 @@ def _start_completion(state: ServerState, req: P.CompletionRequest) -> Generatio
     m = state.model
     ids = _prompt(state, lambda: m.tokenize(req.prompt, max_tokens=m.n_ctx) if isinstance(req.prompt, str)
                   else list(req.prompt), "prompt")
-    _check_budget(state, len(ids), req.max_tokens)
-    gen = _call(lambda: m.generate(ids, max_tokens=req.max_tokens, stop=req.stop, logprobs=req.logprobs,
-                                   **req.sampling()))
+    return _queue(state, req, ids, req.max_tokens, lambda: None, req.logprobs)
+
+
+def _queue(state: ServerState, req: Any, ids: list[int], max_tokens: int | None, constraint_fn: Callable[[], Any],
+           logprobs: int | None) -> Generation:
+    """Check the context budget, build the output constraint, then start the generation on the scheduler."""
+    _check_budget(state, len(ids), max_tokens)
+    constraint = constraint_fn()
+    gen = _call(lambda: state.model.generate(ids, max_tokens=max_tokens, stop=req.stop, constraint=constraint,
+                                             logprobs=logprobs, **req.sampling()))
     state.metrics.started(len(ids))
     return gen.start()
 
