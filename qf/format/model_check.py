@@ -21,6 +21,7 @@ from qf.format.errors import FormatError
 from qf.format.ggml_types import GGMLType
 from qf.format.hparams import ROPE_SCALING_TYPES, HParams, ModelCheckError, hparams_from_metadata
 from qf.format.arch import known_archs, model_arch
+from qf.format.reader import _MISSING, TypedGetters  # one sentinel: the getters pass it to _get
 from qf.format.tensor_roles import GLOBAL_ROLES, LAYER_ROLES, ROPE_FACTOR_ROLES, ModelArch, Role
 from qf.format.values import FLOAT_TYPES, INTEGER_TYPES, SCALAR, GGUFValueType
 
@@ -102,10 +103,9 @@ def _stored_array(value: Any, elem: GGUFValueType, key: str, path: str) -> Any:
     return out
 
 
-_MISSING = object()  # no default given: a missing key is an error
 
 
-class KVMetadata:
+class KVMetadata(TypedGetters):
     """The reader's Metadata interface over (key, value, value type) triples about to be written.
 
     KV convention (qf.convert.archspec.KV): for a list or array, the value type is its element type.
@@ -158,22 +158,6 @@ class KVMetadata:
             found = vtype.name if elem is None else f"ARRAY of {elem.name}"
             raise FormatError(f"expected {what}, found {found}", path=self._path, field=key)
         return value
-
-    def get_int(self, key: str, default: Any = _MISSING) -> int:
-        """An integer of any integer value type."""
-        return self._get(key, INTEGER_TYPES, "an integer", default)
-
-    def get_float(self, key: str, default: Any = _MISSING) -> float:
-        """A FLOAT32 or FLOAT64 value."""
-        return self._get(key, FLOAT_TYPES, "FLOAT32 or FLOAT64", default)
-
-    def get_str(self, key: str, default: Any = _MISSING) -> str:
-        """A STRING value."""
-        return self._get(key, (GGUFValueType.STRING,), "STRING", default)
-
-    def get_bool(self, key: str, default: Any = _MISSING) -> bool:
-        """A BOOL value."""
-        return self._get(key, (GGUFValueType.BOOL,), "BOOL", default)
 
     def get_array(self, key: str, default: Any = _MISSING, **_: Any) -> Any:
         """An ARRAY value."""

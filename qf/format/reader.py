@@ -533,7 +533,31 @@ def _parse(buf: Any, size: int, path: str, limits: MetadataLimits | None = None)
 # Public objects
 # ---------------------------------------------------------------------------------------------
 
-class Metadata:
+class TypedGetters:
+    """The typed scalar getters of a metadata view; `_get(key, accepted types, what, default)` does the work."""
+
+    def _get(self, key: str, accepted: Iterable[GGUFValueType], what: str, default: Any) -> Any:
+        """The value of key when its type is one of accepted; an error naming what was expected otherwise."""
+        raise NotImplementedError
+
+    def get_int(self, key: str, default: Any = _MISSING) -> int:
+        """An integer of any integer value type (not BOOL, not FLOAT)."""
+        return self._get(key, INTEGER_TYPES, "an integer", default)
+
+    def get_float(self, key: str, default: Any = _MISSING) -> float:
+        """A FLOAT32 or FLOAT64 value."""
+        return self._get(key, FLOAT_TYPES, "FLOAT32 or FLOAT64", default)
+
+    def get_str(self, key: str, default: Any = _MISSING) -> str:
+        """A STRING value."""
+        return self._get(key, (GGUFValueType.STRING,), "STRING", default)
+
+    def get_bool(self, key: str, default: Any = _MISSING) -> bool:
+        """A BOOL value."""
+        return self._get(key, (GGUFValueType.BOOL,), "BOOL", default)
+
+
+class Metadata(TypedGetters):
     """Typed, read-only access to the key-value pairs; a getter never reinterprets another type.
 
     Keys are strict UTF-8. String values that are not valid UTF-8 (llama.cpp does not check them)
@@ -587,22 +611,6 @@ class Metadata:
             found = e.vtype.name if e.elem is None else f"ARRAY of {e.elem.name}"
             raise FormatError(f"expected {what}, found {found}", path=self._path, field=key, offset=e.offset)
         return e.value
-
-    def get_int(self, key: str, default: Any = _MISSING) -> int:
-        """An integer of any integer value type (not BOOL, not FLOAT)."""
-        return self._get(key, INTEGER_TYPES, "an integer", default)
-
-    def get_float(self, key: str, default: Any = _MISSING) -> float:
-        """A FLOAT32 or FLOAT64 value."""
-        return self._get(key, FLOAT_TYPES, "FLOAT32 or FLOAT64", default)
-
-    def get_str(self, key: str, default: Any = _MISSING) -> str:
-        """A STRING value."""
-        return self._get(key, (GGUFValueType.STRING,), "STRING", default)
-
-    def get_bool(self, key: str, default: Any = _MISSING) -> bool:
-        """A BOOL value."""
-        return self._get(key, (GGUFValueType.BOOL,), "BOOL", default)
 
     def get_array(self, key: str, default: Any = _MISSING, *,
                   elem: GGUFValueType | Iterable[GGUFValueType] | None = None) -> Any:
