@@ -9,11 +9,10 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from gguf_builder import RawGGUF, arr, gstr, kv, kv_str, kv_u32, tinfo, u32
+from gguf_builder import RawGGUF, kv_str, kv_u32, tinfo
 
 from qf.format.errors import PlanError
 from qf.format.ggml_types import GGMLType, tensor_bytes
-from qf.format.values import GGUFValueType as V
 from qf.runtime.arch.blocks import Batch, Experts, moe_ffn, route
 from qf.runtime.backend import CpuBackend
 from qf.runtime.planner import GiB, format_plan, moe_overrides, parse_overrides, plan_from_file

@@ -35,7 +35,6 @@ def reference_render(source: str, messages: Sequence[Mapping[str, Any]], bos_tok
 
 # ---------------------------------------------------------------------------------------------------------
 import os
-import resource
 import subprocess
 import sys
 import time

@@ -29,7 +29,6 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from datetime import datetime
-from string import Formatter
 from typing import Any, Callable, Iterable, Sequence
 
 from qf.format.errors import ModelError

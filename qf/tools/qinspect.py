@@ -12,7 +12,7 @@ import numpy as np
 
 from qf.format.checksum import CRC_KEY
 from qf.format.errors import FormatError
-from qf.format.ggml_types import BLOCK, FLOAT_BITS, SCALE_FIELDS, GGMLType
+from qf.format.ggml_types import BLOCK, FLOAT_BITS, SCALE_FIELDS
 from qf.format.reader import GGUFFile, Metadata, TensorInfo, open_gguf
 from qf.format.values import GGUFValueType
 from qf.quant.formats.base import payload_entries

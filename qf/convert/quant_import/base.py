@@ -76,6 +76,14 @@ def want(ckpt: Checkpoint, name: str, dtypes: tuple[str, ...], shape: tuple[int,
     return tuple(e.shape)
 
 
+def static_input_scale(ckpt: Checkpoint, name: str, field: str) -> MemberSource:
+    """A checkpoint's static per-tensor activation scale, kept as the payload's input_scale member."""
+    shape = want(ckpt, name, ("F32", "F16", "BF16"), None, field)
+    if int(np.prod(shape)) != 1:
+        raise tensor_error(ckpt, name, f"{field} has shape {shape}; only a static per-tensor scale is kept")
+    return MemberSource((1,), GGMLType.F32, lambda: ckpt.to_f32(name).reshape(1), SHARED)
+
+
 SCALE_TYPES: dict[str, GGMLType] = {"F32": GGMLType.F32, "F16": GGMLType.F16, "BF16": GGMLType.BF16}
 
 

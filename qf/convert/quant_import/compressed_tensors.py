@@ -18,7 +18,7 @@ import numpy as np
 from qf.convert.checkpoint import Checkpoint
 from qf.convert.quant_import.base import (
     ROWS, SHARED, LinearPayload, MemberSource, as_dict, field_error, matches, modules_with, scale_member,
-    tensor_error, want,
+    static_input_scale, tensor_error, want,
 )
 from qf.format.ggml_types import GGMLType
 from qf.quant.formats.fp8 import FP8, Fp8Params
@@ -149,10 +149,7 @@ def _float_quantized(ckpt: Checkpoint, mod: str, w: Mapping[str, Any], field: st
     consumed = [vname, sname]
     iname = f"{mod}.input_scale"
     if iname in ckpt:
-        ishape = want(ckpt, iname, ("F32", "F16", "BF16"), None, "input_scale")
-        if int(np.prod(ishape)) != 1:
-            raise tensor_error(ckpt, iname, f"input_scale has shape {ishape}; only a static per-tensor scale is kept")
-        members["input_scale"] = MemberSource((1,), GGMLType.F32, lambda: ckpt.to_f32(iname).reshape(1), SHARED)
+        members["input_scale"] = static_input_scale(ckpt, iname, "input_scale")
         consumed.append(iname)
     return LinearPayload(vname, FP8.scheme(p), members, tuple(consumed), n_out, n_in)
 

@@ -15,7 +15,8 @@ import numpy as np
 
 from qf.convert.checkpoint import Checkpoint
 from qf.convert.quant_import.base import (
-    ROWS, SHARED, LinearPayload, MemberSource, field_error, modules_with, scale_member, tensor_error, want,
+    ROWS, SHARED, LinearPayload, MemberSource, field_error, modules_with, scale_member, static_input_scale,
+    tensor_error, want,
 )
 from qf.format.ggml_types import GGMLType
 from qf.quant.formats.fp8 import FP8, Fp8Params
@@ -70,10 +71,7 @@ class HfFp8Importer:
                                                 SHARED if p.strategy == "tensor" else (bh if bh > 1 else ROWS))}
         consumed = [vname, sname]
         if aname in ckpt:
-            ashape = want(ckpt, aname, ("F32", "BF16", "F16"), None, "activation_scale")
-            if int(np.prod(ashape)) != 1:
-                raise tensor_error(ckpt, aname, f"activation_scale has shape {ashape}; only a per-tensor scale is kept")
-            members["input_scale"] = MemberSource((1,), GGMLType.F32, lambda: ckpt.to_f32(aname).reshape(1), SHARED)
+            members["input_scale"] = static_input_scale(ckpt, aname, "activation_scale")
             consumed.append(aname)
         return LinearPayload(vname, FP8.scheme(p), members, tuple(consumed), n_out, n_in)
 
