@@ -5,9 +5,10 @@ first use by get_codec / get_layout.
 """
 
 from qf.quant.codecs import floats, iq4, kquants, legacy
+from qf.quant.codecs import iq1  # noqa: E402  (IQ1_S, IQ1_M)
 from qf.quant.codecs.base import Codec, Layout, Strategy, get_codec, get_layout, registered_types, strategies
 
-LAYOUT_MODULES = (floats, legacy, kquants, iq4)  # each registers its layout classes on import
+LAYOUT_MODULES = (floats, legacy, kquants, iq4, iq1)  # each registers its layout classes on import
 
 from qf.quant import strategies as _strategies  # noqa: E402  (registers the strategies; they import the layouts)
 

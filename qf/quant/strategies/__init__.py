@@ -4,7 +4,8 @@ Importing this package registers every strategy module listed in STRATEGY_MODULE
 """
 
 from qf.quant.strategies import iq4, legacy_k
+from qf.quant.strategies import iq1  # IQ1_S, IQ1_M
 
-STRATEGY_MODULES = (legacy_k, iq4)
+STRATEGY_MODULES = (legacy_k, iq4, iq1)
 
 __all__ = ["STRATEGY_MODULES"]
