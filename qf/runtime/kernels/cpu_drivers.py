@@ -6,21 +6,18 @@ ggml type id, so `head(kind, ...)` / `unit(kind, ...)` resolve at compile time t
 are inlined. One compiled (and cached) driver per (driver, type); no branch on the type at run time.
 
 numba's cache only watches the source file of the cached function, not the modules it inlines. The
-kind's type name therefore carries a hash of the decoder sources: editing a decoder changes the
-signature, so a stale cached driver is never picked up.
+kind's type name therefore carries a hash of the decoder sources (cpu_registry.source_stamp): editing a
+decoder changes the signature, so a stale cached driver is never picked up.
 """
 
 from __future__ import annotations
-
-import hashlib
-from pathlib import Path
 
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import NativeValue, models, overload, register_model, typeof_impl, unbox
 
 from qf.format.ggml_types import GGMLType
-from qf.runtime.kernels import cpu_float, cpu_iq, cpu_kquants, cpu_legacy
+from qf.runtime.kernels import cpu_registry
 from qf.runtime.kernels.cpu_blas import sgemm
 from qf.runtime.kernels.cpu_decoder import FASTMATH, UNIT, Decoder
 from qf.runtime.kernels.cpu_simd import prefetch, vadd, vfma, vload, vstore, vsum, vzero
@@ -30,27 +27,13 @@ ROW_CHUNK = 64  # matmul: output rows per work item (their packed bytes stay in 
 TILE_BYTES = 512 * 1024  # matmul by tiles: f32 bytes of one thread's decoded tile (stays in L2 for sgemm)
 TILE_ROWS = 128  # ... and at most this many rows (measured: 64-128 best on SmolLM2 shapes)
 
-# ggml type -> its decoders: the registry every driver specialises on.
-DECODERS: dict[GGMLType, Decoder] = {**cpu_float.DECODERS, **cpu_legacy.DECODERS, **cpu_kquants.DECODERS,
-                                     **cpu_iq.DECODERS}
+# ggml type -> its decoders: the registry every driver specialises on (filled by the decoder modules,
+# which register themselves; cpu_registry.MODULES lists them).
+cpu_registry.load()
+DECODERS: dict[GGMLType, Decoder] = cpu_registry.DECODERS
 
-_DECODER_MODULES = ("cpu_simd.py", "cpu_decoder.py", "cpu_float.py", "cpu_legacy.py", "cpu_kquants.py", "cpu_iq.py",
-                    "cpu_blas.py", "cpu_isimd.py", "cpu_idecode.py")
-
-
-def _source_stamp() -> str:
-    """Short hash of the decoder sources (part of every kind's numba type name)."""
-    h = hashlib.sha1()
-    here = Path(__file__).parent
-    try:
-        for name in _DECODER_MODULES:
-            h.update((here / name).read_bytes())
-    except OSError:  # no source files (e.g. a zipped install): numba cannot cache then either
-        return "nosrc"
-    return h.hexdigest()[:12]
-
-
-_STAMP = _source_stamp()
+# Hash of the decoder sources and everything they (and these drivers) inline: part of every kind's type name.
+_STAMP = cpu_registry.source_stamp(extra=("cpu_drivers",))
 
 
 class KindType(types.Type):

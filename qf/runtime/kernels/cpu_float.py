@@ -9,6 +9,7 @@ from numba import njit
 
 from qf.format.ggml_types import GGMLType
 from qf.runtime.kernels.cpu_decoder import FASTMATH, Decoder
+from qf.runtime.kernels.cpu_registry import register
 from qf.runtime.kernels.cpu_simd import bf16_at, f16_at, f32_at, ld_bf16, ld_f16, ld_f32
 
 _JIT = dict(inline="always", fastmath=FASTMATH, cache=True)
@@ -56,8 +57,8 @@ def elem_bf16(row, i):
     return bf16_at(row, 2 * i)
 
 
-DECODERS = {
+DECODERS = register({
     GGMLType.F32: Decoder(head_none, unit_f32, 1, elem_f32),
     GGMLType.F16: Decoder(head_none, unit_f16, 1, elem_f16),
     GGMLType.BF16: Decoder(head_none, unit_bf16, 1, elem_bf16),
-}
+})

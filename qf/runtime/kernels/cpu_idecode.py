@@ -36,6 +36,7 @@ from qf.format.ggml_types import GGMLType
 from qf.runtime.kernels import cpu_kquants as K
 from qf.runtime.kernels import cpu_legacy as L
 from qf.runtime.kernels.cpu_decoder import FASTMATH
+from qf.runtime.kernels.cpu_registry import INT_DECODERS, register_int
 from qf.runtime.kernels.cpu_isimd import q_bits32, q_field, q_flag, q_nibbles, q_or, q_xor, vget
 
 _JIT = dict(inline="always", fastmath=FASTMATH, cache=True)
@@ -179,7 +180,7 @@ def scales_q6_k(h, j):
 
 _SUB = K._SUB
 
-IDECODERS: dict[GGMLType, IntDecoder] = {
+register_int({
     GGMLType.Q4_0: IntDecoder(L.head_q4_0, quants_q4_0, scales_q4_0, 1, 1),
     GGMLType.Q4_1: IntDecoder(L.head_q4_1, quants_q4_1, scales_affine, 1, 1),
     GGMLType.Q5_0: IntDecoder(L.head_q5_0, quants_q5_0, scales_q5_0, 1, 1),
@@ -190,4 +191,7 @@ IDECODERS: dict[GGMLType, IntDecoder] = {
     GGMLType.Q4_K: IntDecoder(K.head_q4_k, quants_q4_k, scales_k4, _SUB, 1),
     GGMLType.Q5_K: IntDecoder(K.head_q5_k, quants_q5_k, scales_k4, _SUB, 1),
     GGMLType.Q6_K: IntDecoder(K.head_q6_k, quants_q6_k, scales_q6_k, _SUB, 2),
-}
+})
+
+# every registered integer decoder (this module's and those of later decoder modules)
+IDECODERS: dict[GGMLType, IntDecoder] = INT_DECODERS

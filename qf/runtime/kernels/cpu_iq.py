@@ -20,6 +20,7 @@ from numba.extending import intrinsic
 from qf.format.ggml_types import GGMLType, type_size
 from qf.quant.iq_tables import kvalues_iq4nl
 from qf.runtime.kernels.cpu_decoder import FASTMATH, Decoder
+from qf.runtime.kernels.cpu_registry import register
 from qf.runtime.kernels.cpu_simd import _VF, _VI8, _bytes16, f16_at, f32x16, vmul, vsplat
 
 _JIT = dict(inline="always", fastmath=FASTMATH, cache=True)
@@ -86,7 +87,7 @@ def unit_iq4_xs(row, b, j, h):
     return vmul(ld_iq4(row, q, False), vd), vmul(ld_iq4(row, q, True), vd)
 
 
-DECODERS: dict[GGMLType, Decoder] = {
+DECODERS: dict[GGMLType, Decoder] = register({
     GGMLType.IQ4_NL: Decoder(head_iq4_nl, unit_iq4_nl, 1),
     GGMLType.IQ4_XS: Decoder(head_iq4_xs, unit_iq4_xs, 8),
-}
+})

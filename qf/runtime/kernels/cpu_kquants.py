@@ -17,6 +17,7 @@ from numba import njit
 
 from qf.format.ggml_types import QK_K, GGMLType, type_size
 from qf.runtime.kernels.cpu_decoder import FASTMATH, UNIT, Decoder
+from qf.runtime.kernels.cpu_registry import register
 from qf.runtime.kernels.cpu_simd import (byte_fields, f16_at, ld_bits, ld_bits2_x2, ld_bits_flag_x2, ld_i8, vfma, vhalves,
                                          vlane, vmul, vsplat)
 
@@ -151,10 +152,10 @@ def unit_q6_k(row, b, j, h):
     return vmul(q0, vlane(h, 2 * j)), vmul(q1, vlane(h, 2 * j + 1))
 
 
-DECODERS = {
+DECODERS = register({
     GGMLType.Q2_K: Decoder(head_q2_k, unit_q2_k, _SUB),
     GGMLType.Q3_K: Decoder(head_q3_k, unit_q3_k, _SUB),
     GGMLType.Q4_K: Decoder(head_q4_k, unit_q4_k, _SUB),
     GGMLType.Q5_K: Decoder(head_q5_k, unit_q5_k, _SUB),
     GGMLType.Q6_K: Decoder(head_q6_k, unit_q6_k, _SUB),
-}
+})

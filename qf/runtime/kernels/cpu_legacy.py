@@ -11,6 +11,7 @@ from numba import njit
 
 from qf.format.ggml_types import GGMLType, type_size
 from qf.runtime.kernels.cpu_decoder import FASTMATH, Decoder
+from qf.runtime.kernels.cpu_registry import register
 from qf.runtime.kernels.cpu_simd import f16_at, ld_bits, ld_i8, ld_nib_qh, vfma, vmul, vsplat
 
 _JIT = dict(inline="always", fastmath=FASTMATH, cache=True)
@@ -98,10 +99,10 @@ def unit_q8_0(row, b, j, h):
     return vmul(ld_i8(row, o), vd), vmul(ld_i8(row, o + 16), vd)
 
 
-DECODERS = {
+DECODERS = register({
     GGMLType.Q4_0: Decoder(head_q4_0, unit_q4_0, 1),
     GGMLType.Q4_1: Decoder(head_q4_1, unit_q4_1, 1),
     GGMLType.Q5_0: Decoder(head_q5_0, unit_q5_0, 1),
     GGMLType.Q5_1: Decoder(head_q5_1, unit_q5_1, 1),
     GGMLType.Q8_0: Decoder(head_q8_0, unit_q8_0, 1),
-}
+})
