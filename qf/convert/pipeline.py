@@ -389,6 +389,9 @@ def _encode(ckpt: Checkpoint, t: PlannedTensor) -> np.ndarray:
     return out
 
 
+encode_tensor = _encode  # public name for writers above convert (qf.calib): one planned tensor's stored bytes
+
+
 def write_plan(plan: ConvertPlan, ckpt: Checkpoint, out_path: str | Path, progress: Progress | None = None) -> None:
     """Stream every planned tensor through its codec into an atomically written file."""
 

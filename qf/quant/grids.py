@@ -1,0 +1,162 @@
+"""Rounding grids for GPTQ (qf.quant.gptq): integer groups (the `int` payload of qf.quant.formats.intgroup) and
+ggml blocks (a ggml codec chooses each block's scales, GPTQ then picks the codes column by column).
+
+A grid is fitted one group of columns at a time (`fit`), rounds single columns onto the fitted parameters
+(`round`), and records what it chose, from which the stored form is made (`payload` / `tensor`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from qf.format.ggml_types import GGMLType
+from qf.quant.codecs import get_codec, get_layout
+from qf.quant.formats.intgroup import pack_codes
+
+F16_TINY = np.float32(2.0 ** -24)  # the smallest positive fp16 value: scales are never 0
+
+
+def _f16_scale(s: np.ndarray) -> np.ndarray:
+    """Positive scales rounded to fp16 values (so that they are stored exactly), f32."""
+    s16 = np.asarray(s, np.float32).astype(np.float16).astype(np.float32)
+    return np.where(np.isfinite(s16) & (s16 > 0), s16, np.where(np.isfinite(s16), F16_TINY, np.float32(65504.0)))
+
+
+class IntGrid:
+    """b-bit integer groups: W = scale * (code - zero); sym: zero = 2^(b-1), scale = 2 amax / (2^b - 1) (GPTQ's
+    and compressed-tensors' choice); asym: the range [min(w, 0), max(w, 0)] over 2^b - 1 steps. Scales fp16."""
+
+    def __init__(self, rows: int, n_in: int, bits: int, group: int, sym: bool) -> None:
+        self.bits, self.group, self.sym = bits, group, sym
+        self.maxq = (1 << bits) - 1
+        n_groups = 1 if group <= 0 else -(-n_in // group)
+        self.codes = np.zeros((rows, n_in), np.uint8)
+        self.scale = np.ones((rows, n_groups), np.float32)
+        self.zero = np.full((rows, n_groups), 1 << (bits - 1), np.int32)
+        self.g_idx = np.zeros(n_in, np.int64)
+        self._next = 0
+
+    def fit(self, w: np.ndarray, cols: np.ndarray, importance: np.ndarray) -> None:
+        """Scale and zero point per row for the next group, made of columns cols; w f32 [rows, len(cols)]."""
+        gid = self._next % self.scale.shape[1]
+        self._next += 1
+        if self.sym:
+            amax = np.abs(w).max(axis=1)
+            s = _f16_scale(2.0 * amax / self.maxq)
+            z = np.full(w.shape[0], 1 << (self.bits - 1), np.int32)
+        else:
+            lo, hi = np.minimum(w.min(axis=1), 0.0), np.maximum(w.max(axis=1), 0.0)
+            s = _f16_scale((hi - lo) / self.maxq)
+            z = np.clip(np.rint(-lo / s), 0, self.maxq).astype(np.int32)
+        self.scale[:, gid], self.zero[:, gid] = s, z
+        self.g_idx[cols] = gid
+
+    def round(self, w: np.ndarray, col: int) -> np.ndarray:
+        """Column col onto its group's grid; its codes are recorded."""
+        gid = self.g_idx[col]
+        s, z = self.scale[:, gid], self.zero[:, gid]
+        q = np.clip(np.rint(w / s) + z, 0, self.maxq)
+        self.codes[:, col] = q
+        return (s * (q - z)).astype(np.float32)
+
+    @property
+    def has_g_idx(self) -> bool:
+        """Whether the groups are not the contiguous i // group (act-order without static groups)."""
+        n = self.g_idx.size
+        plain = np.zeros(n, np.int64) if self.group <= 0 else np.arange(n) // self.group
+        return not np.array_equal(self.g_idx, plain)
+
+    def payload(self, with_g_idx: bool) -> dict[str, np.ndarray]:
+        """Members of the `int` payload in numpy layout: weight_packed, weight_scale (f16), weight_zero, g_idx."""
+        out = {"weight_packed": pack_codes(self.codes, self.bits),
+               "weight_scale": self.scale.astype(np.float16)}
+        if not self.sym:
+            out["weight_zero"] = self.zero.astype(np.int16)
+        if with_g_idx:
+            out["weight_g_idx"] = self.g_idx.astype(np.int32)
+        return out
+
+    def dequantize(self) -> np.ndarray:
+        """The recorded codes as weights, f32 [rows, n_in]."""
+        return (self.scale[:, self.g_idx] * (self.codes.astype(np.float32) - self.zero[:, self.g_idx])
+                ).astype(np.float32)
+
+
+# code range per ggml type in the layout's code field (Q8_0: int8 values, stored as their u8 bits)
+CODE_RANGE: dict[GGMLType, tuple[int, int]] = {
+    GGMLType.Q4_0: (0, 15), GGMLType.Q4_1: (0, 15), GGMLType.Q5_0: (0, 31), GGMLType.Q5_1: (0, 31),
+    GGMLType.Q8_0: (-127, 127), GGMLType.Q2_K: (0, 3), GGMLType.Q3_K: (0, 7), GGMLType.Q4_K: (0, 15),
+    GGMLType.Q5_K: (0, 31), GGMLType.Q6_K: (0, 63),
+}
+
+
+def _code_field(fields: tuple) -> str:
+    """Name of the per-value code array in a layout's fields (legacy: codes, K-quants: L)."""
+    return "codes" if "codes" in fields._fields else "L"
+
+
+@dataclass
+class _Block:
+    """One fitted block column range: its fields (scales), the affine map per value x = a * code + b, codes."""
+
+    fields: tuple
+    a: np.ndarray  # f32 [rows, block]
+    b: np.ndarray  # f32 [rows, block]
+    codes: np.ndarray  # int32 [rows, block], signed for Q8_0
+
+
+class GgmlGrid:
+    """A ggml block type as a GPTQ grid: at each block's first column the type's own quantizer (ggml's search,
+    weighted by importance = diag(H)) chooses the block's scales and mins from the current weights; GPTQ then
+    picks every code with those fixed. The result packs into ordinary blocks of the type."""
+
+    def __init__(self, qtype: GGMLType, rows: int, n_in: int) -> None:
+        self.qtype = GGMLType(qtype)
+        if self.qtype not in CODE_RANGE:
+            raise ValueError(f"GPTQ has no grid for {self.qtype.name}")
+        self.codec, self.layout = get_codec(self.qtype), get_layout(self.qtype)
+        self.group = self.codec.block_size
+        if n_in % self.group:
+            raise ValueError(f"rows of {n_in} are not whole {self.qtype.name} blocks of {self.group}")
+        self.lo, self.hi = CODE_RANGE[self.qtype]
+        self.rows = rows
+        self.blocks: dict[int, _Block] = {}
+
+    def _as_stored(self, codes: np.ndarray) -> np.ndarray:
+        """Codes as the layout stores them (u8; int8 bits for Q8_0)."""
+        return codes.astype(np.int8).view(np.uint8) if self.lo < 0 else codes.astype(np.uint8)
+
+    def _with_codes(self, fields: tuple, codes: np.ndarray) -> tuple:
+        """Fields with their code array replaced."""
+        return fields._replace(**{_code_field(fields): self._as_stored(codes)})
+
+    def fit(self, w: np.ndarray, cols: np.ndarray, importance: np.ndarray) -> None:
+        """Scales of the block of columns cols (contiguous, block-aligned) from w f32 [rows, block]."""
+        c0 = int(cols[0])
+        fields = self.layout.unpack(self.codec.quantize(np.ascontiguousarray(w, np.float32), importance))
+        shape = (self.rows, self.group)
+        zeros = np.zeros(shape, np.int32)
+        b = self.layout.dequantize_blocks(self.layout.pack(self._with_codes(fields, zeros)))
+        a = self.layout.dequantize_blocks(self.layout.pack(self._with_codes(fields, zeros + 1))) - b
+        orig = getattr(fields, _code_field(fields)).astype(np.int32)
+        if self.lo < 0:
+            orig = orig.astype(np.uint8).view(np.int8).astype(np.int32)
+        self.blocks[c0] = _Block(fields, a, b, orig)
+
+    def round(self, w: np.ndarray, col: int) -> np.ndarray:
+        """Column col onto its block's fixed scales (a zero scale keeps the quantizer's own code)."""
+        blk = self.blocks[col - col % self.group]
+        k = col % self.group
+        a, b = blk.a[:, k], blk.b[:, k]
+        live = a != 0
+        q = np.where(live, np.clip(np.rint((w - b) / np.where(live, a, 1.0)), self.lo, self.hi), blk.codes[:, k])
+        blk.codes[:, k] = q
+        return (a * q + b).astype(np.float32)
+
+    def tensor(self) -> np.ndarray:
+        """The weight as rows of the type: u8 [rows, n_in / block * type_size]."""
+        parts = [self.layout.pack(self._with_codes(self.blocks[c0].fields, self.blocks[c0].codes))
+                 for c0 in sorted(self.blocks)]
+        return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
