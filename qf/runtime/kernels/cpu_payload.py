@@ -24,7 +24,7 @@ from qf.format.errors import ModelError
 from qf.quant.formats.base import scales_f32
 from qf.quant.formats.fp8 import E4M3
 from qf.runtime.kernels.cpu_payload_simd import (
-    E4M3_SCALE, PayloadKind, code16, ld_e4m3_x2, ld_e4m3_x2_n, ld_scales, ld_words, ld_words_n, per_word, word_code,
+    E4M3_SCALE, Fp8Kind, PayloadKind, code16, ld_e4m3_x2, ld_e4m3_x2_n, ld_scales, ld_words, ld_words_n, per_word, word_code,
 )
 from qf.runtime.kernels.cpu_simd import prefetch, vadd, vfma, vload, vmul, vsplat, vstore, vsum, vzero
 
@@ -169,7 +169,7 @@ def _int_rows(packed: np.ndarray, bits: int, gidx: np.ndarray, scale: np.ndarray
 
 
 @numba.njit(inline="always", **_JIT)
-def _fp8_dot(vals: np.ndarray, o: int, scale: np.ndarray, so: int, bw: int, xpad: np.ndarray, m: int) -> float:
+def _fp8_dot(kind, vals: np.ndarray, o: int, scale: np.ndarray, so: int, bw: int, xpad: np.ndarray, m: int) -> float:
     """Row o of vals . token m: sum_c scale[so, c] * sum_{i in block c} e4m3(vals[o, i]) / 256 * x[m, i]
     (scale: times 256, so: the row's scale row; xpad: x and >= 32 zero columns). Flat offsets, no row views
     (see _int_dot)."""
@@ -181,14 +181,22 @@ def _fp8_dot(vals: np.ndarray, o: int, scale: np.ndarray, so: int, bw: int, xpad
         i1 = min(n_in, i + bw)
         p0 = vzero()
         p1 = vzero()
-        while i + 32 <= i1:
+        while i + 64 <= i1:  # a cache line per step, one prefetch
             prefetch(vals, row + i + PREFETCH)
-            v0, v1 = ld_e4m3_x2(vals, row + i)
+            v0, v1 = ld_e4m3_x2(kind, vals, row + i)
+            v2, v3 = ld_e4m3_x2(kind, vals, row + i + 32)
+            p0 = vfma(v0, vload(xpad, xrow + i), p0)
+            p1 = vfma(v1, vload(xpad, xrow + i + 16), p1)
+            p0 = vfma(v2, vload(xpad, xrow + i + 32), p0)
+            p1 = vfma(v3, vload(xpad, xrow + i + 48), p1)
+            i += 64
+        if i + 32 <= i1:
+            v0, v1 = ld_e4m3_x2(kind, vals, row + i)
             p0 = vfma(v0, vload(xpad, xrow + i), p0)
             p1 = vfma(v1, vload(xpad, xrow + i + 16), p1)
             i += 32
         if i < i1:
-            v0, v1 = ld_e4m3_x2_n(vals, row + i, i1 - i)
+            v0, v1 = ld_e4m3_x2_n(kind, vals, row + i, i1 - i)
             p0 = vfma(v0, vload(xpad, xrow + i), p0)
             p1 = vfma(v1, vload(xpad, xrow + i + 16), p1)
         acc = vfma(vadd(p0, p1), vsplat(scale[so, c]), acc)
@@ -206,7 +214,7 @@ def _fp8_x(x: np.ndarray) -> np.ndarray:
 
 
 @numba.njit(parallel=True, **_JIT)
-def _fp8_matmul(vals: np.ndarray, scale: np.ndarray, srow: np.ndarray, bw: int, x: np.ndarray,
+def _fp8_matmul(kind, vals: np.ndarray, scale: np.ndarray, srow: np.ndarray, bw: int, x: np.ndarray,
                 out: np.ndarray) -> None:
     """out[m, o] = sum_c scale[srow[o], c] * sum_{i in block c} e4m3(vals[o, i]) x[m, i] (scale: times 256;
     srow: each row's scale row, no division per row); every token's sum is the one it gets alone."""
@@ -214,11 +222,11 @@ def _fp8_matmul(vals: np.ndarray, scale: np.ndarray, srow: np.ndarray, bw: int, 
     for o in prange(vals.shape[0]):
         so = srow[o]
         for m in range(x.shape[0]):
-            out[m, o] = _fp8_dot(vals, o, scale, so, bw, xpad, m)
+            out[m, o] = _fp8_dot(kind, vals, o, scale, so, bw, xpad, m)
 
 
 @numba.njit(parallel=True, **_JIT)
-def _fp8_rows(vals: np.ndarray, table: np.ndarray, scale: np.ndarray, bh: int, bw: int, r0: int,
+def _fp8_rows(kind, vals: np.ndarray, table: np.ndarray, scale: np.ndarray, bh: int, bw: int, r0: int,
               out: np.ndarray) -> None:
     """Rows r0 .. r0 + out.shape[0] decoded to f32 out [rows, n_in] (scale: times 256; table: e4m3 / 256)."""
     n_in = out.shape[1]
@@ -227,11 +235,23 @@ def _fp8_rows(vals: np.ndarray, table: np.ndarray, scale: np.ndarray, bh: int, b
         o = r0 + r
         srow, row, dst = scale[o // bh], vals[o], out[r]
         for i in range(0, n_vec, 32):
-            v0, v1 = ld_e4m3_x2(row, i)
+            v0, v1 = ld_e4m3_x2(kind, row, i)
             vstore(dst, i, vmul(v0, vsplat(srow[i // bw])))
             vstore(dst, i + 16, vmul(v1, vsplat(srow[(i + 16) // bw])))
         for i in range(n_vec, n_in):
             dst[i] = table[row[i]] * srow[i // bw]
+
+
+@numba.njit(parallel=True, cache=True)
+def _fp8_has_nan(vals: np.ndarray) -> bool:
+    """Whether any byte of vals [O, n_in] is an e4m3fn NaN pattern (S.1111.111); one pass over the mmap."""
+    n = 0
+    for o in prange(vals.shape[0]):
+        c = 0
+        for i in range(vals.shape[1]):
+            c += (vals[o, i] & 0x7F) == 0x7F
+        n += c
+    return n > 0
 
 
 FUSED_MAX_TOKENS = 4  # batches up to this size run the fused kernel (decode of a few sequences), larger ones BLAS
@@ -349,17 +369,18 @@ class Fp8Matrix(PayloadMatrix):
         self.scale = np.ascontiguousarray(scales_f32(a["weight_scale"]).reshape(shape) * np.float32(E4M3_SCALE))
         self.table = E4M3 / np.float32(E4M3_SCALE)
         self.srow = np.arange(self.n_out, dtype=np.int64) // self.bh
+        self.kind = Fp8Kind(_fp8_has_nan(self.vals))
 
     def fused(self, x: np.ndarray) -> np.ndarray:
-        """Fused decode, 32 bytes per step."""
+        """Fused decode, 64 bytes per step."""
         out = np.empty((x.shape[0], self.n_out), np.float32)
-        _fp8_matmul(self.vals, self.scale, self.srow, self.bw, x, out)
+        _fp8_matmul(self.kind, self.vals, self.scale, self.srow, self.bw, x, out)
         return out
 
     def rows(self, r0: int, r1: int) -> np.ndarray:
         """Rows decoded to f32."""
         out = np.empty((r1 - r0, self.n_in), np.float32)
-        _fp8_rows(self.vals, self.table, self.scale, self.bh, self.bw, r0, out)
+        _fp8_rows(self.kind, self.vals, self.table, self.scale, self.bh, self.bw, r0, out)
         return out
 
 

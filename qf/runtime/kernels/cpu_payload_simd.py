@@ -6,9 +6,10 @@ lane l of position k is input (w0 + l) * per_word + k (the activations are laid 
 cpu_payload.py). For rows decoded to f32, `code16` reads 16 consecutive codes in input order instead. The bit width and the words per scale group are compile-time constants carried
 by a `PayloadKind` (numba type name), as cpu_drivers.Kind does for ggml types.
 
-FP8 e4m3fn: the byte b becomes the IEEE half ((b << 8) >>arith 1) & 0xBFFF (sign kept, exponent and mantissa
+FP8 e4m3fn: the byte b becomes the IEEE half (sext(b) << 7) & 0xBFFF (sign kept, exponent and mantissa
 moved into the half's fields), which is exactly 2^-8 * e4m3(b), subnormals included; the half widens to
-f32 in hardware (vcvtph2ps). S.1111.111 (NaN in e4m3fn) is selected to a NaN.
+f32 in hardware (vcvtph2ps). S.1111.111 (NaN in e4m3fn) is selected to a NaN when the weight holds any
+(`Fp8Kind(nan=True)`); a weight checked at load to hold none skips that compare and select.
 """
 
 from __future__ import annotations
@@ -212,33 +213,77 @@ def _ov_code16(kind, row8, off):
 
 # ------------------------------------------------------------------ fp8 e4m3fn
 
-def _e4m3_x2(builder, q):
-    """<32 x i8> e4m3fn bytes -> two f32x16 of e4m3(b) / E4M3_SCALE (NaN patterns -> NaN)."""
-    w = builder.zext(q, _V32I16)
-    h = builder.and_(builder.ashr(builder.shl(w, ir.Constant(_V32I16, [8] * 32)), ir.Constant(_V32I16, [1] * 32)),
-                     ir.Constant(_V32I16, [0xBFFF] * 32))
-    nan = builder.icmp_unsigned("==", builder.and_(w, ir.Constant(_V32I16, [0x7F] * 32)),
-                                ir.Constant(_V32I16, [0x7F] * 32))
-    h = builder.select(nan, ir.Constant(_V32I16, [0x7E00] * 32), h)
+class Fp8KindType(types.Type):
+    """numba type of an Fp8Kind: whether the decode must turn S.1111.111 bytes into NaN."""
+
+    def __init__(self, nan: bool) -> None:
+        self.nan = bool(nan)
+        super().__init__(name=f"qf_fp8_kind({int(self.nan)},{_STAMP})")
+
+
+register_model(Fp8KindType)(models.OpaqueModel)
+
+
+@unbox(Fp8KindType)
+def _unbox_fp8_kind(typ, obj, c):
+    """A kind carries no run-time data: its type is the whole message."""
+    return NativeValue(c.context.get_dummy_value())
+
+
+class Fp8Kind:
+    """Compile-time tag of the fp8 kernels: nan=False for weights known to hold no NaN pattern (the decode then
+    skips the compare and select, about a fifth of its work)."""
+
+    __slots__ = ("nan", "_numba_type_")
+
+    def __init__(self, nan: bool) -> None:
+        self.nan = bool(nan)
+        self._numba_type_ = Fp8KindType(self.nan)
+
+    def __repr__(self) -> str:
+        return f"Fp8Kind(nan={self.nan})"
+
+
+@typeof_impl.register(Fp8Kind)
+def _typeof_fp8_kind(val, c):
+    """numba type of an Fp8Kind instance."""
+    return val._numba_type_
+
+
+def _e4m3_x2(builder, q, nan: bool):
+    """<32 x i8> e4m3fn bytes -> two f32x16 of e4m3(b) / E4M3_SCALE (with nan: NaN patterns -> NaN; without,
+    they would read as +-480, so callers pass nan=False only for weights checked to hold none).
+
+    The half is (sext(b) << 7) & 0xBFFF: sign from the extension, exponent and mantissa moved up by 7."""
+    w = builder.sext(q, _V32I16)
+    h = builder.and_(builder.shl(w, ir.Constant(_V32I16, [7] * 32)), ir.Constant(_V32I16, [0xBFFF] * 32))
+    if nan:
+        nan_lanes = builder.icmp_unsigned("==", builder.and_(w, ir.Constant(_V32I16, [0x7F] * 32)),
+                                          ir.Constant(_V32I16, [0x7F] * 32))
+        h = builder.select(nan_lanes, ir.Constant(_V32I16, [0x7E00] * 32), h)
     f = builder.fpext(builder.bitcast(h, _V32H), ir.VectorType(_F32, 2 * LANES))
     return [builder.shuffle_vector(f, ir.Constant(f.type, ir.Undefined),
                                    ir.Constant(_VI32, list(range(16 * k, 16 * k + 16)))) for k in range(2)]
 
 
 @intrinsic
-def ld_e4m3_x2(typingctx, row, off):
+def ld_e4m3_x2(typingctx, kind, row, off):
     """The 32 e4m3fn bytes row[off : off + 32] as two f32x16, each value e4m3(b) / E4M3_SCALE."""
+    nan = kind.nan
+
     def codegen(context, builder, sig, args):
-        q = builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], _V32I8), align=1)
-        return context.make_tuple(builder, sig.return_type, _e4m3_x2(builder, q))
-    return types.UniTuple(f32x16, 2)(row, off), codegen
+        q = builder.load(_ptr(context, builder, sig.args[1], args[1], args[2], sig.args[2], _V32I8), align=1)
+        return context.make_tuple(builder, sig.return_type, _e4m3_x2(builder, q, nan))
+    return types.UniTuple(f32x16, 2)(kind, row, off), codegen
 
 
 @intrinsic
-def ld_e4m3_x2_n(typingctx, row, off, n):
+def ld_e4m3_x2_n(typingctx, kind, row, off, n):
     """As ld_e4m3_x2 for the n (< 32) bytes row[off : off + n]; lanes from n on are 0."""
+    nan = kind.nan
+
     def codegen(context, builder, sig, args):
-        p = _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], _V32I8)
-        q = _masked_load(builder, p, _V32I8, context.cast(builder, args[2], sig.args[2], types.int32), 1)
-        return context.make_tuple(builder, sig.return_type, _e4m3_x2(builder, q))
-    return types.UniTuple(f32x16, 2)(row, off, n), codegen
+        p = _ptr(context, builder, sig.args[1], args[1], args[2], sig.args[2], _V32I8)
+        q = _masked_load(builder, p, _V32I8, context.cast(builder, args[3], sig.args[3], types.int32), 1)
+        return context.make_tuple(builder, sig.return_type, _e4m3_x2(builder, q, nan))
+    return types.UniTuple(f32x16, 2)(kind, row, off, n), codegen
