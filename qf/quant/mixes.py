@@ -8,9 +8,13 @@ through FALLBACK when its block does not divide the row (ne[0]) or no codec exis
 --output-tensor-type and --token-embedding-type.
 
 Followed exactly for dense models (llama, qwen2, gemma...), including Falcon's and 8-expert MoE exceptions
-and the 70B attn_v bump, and IQ4_NL / IQ4_XS. Not modelled yet: the lower IQ*, TQ* and MXFP4 mixes (no
-codecs here) and Q2_K_S (needs an imatrix). As in the llama.cpp source this follows, attn_qkv and attn_kv_b take the attn_v rules
-(category_is_attn_v); its separate attn_qkv branch is unreachable there and so absent here.
+and the 70B attn_v bump, for the legacy, K and IQ mixes (IQ1_S ... IQ4_XS, Q2_K_S). A tensor whose chosen
+type llama.cpp writes only with an importance matrix (IQ1_*, IQ2_*, IQ3_XXS; Q2_K inside Q2_K_S; never
+token_embd or output) is refused without one (tensor_requires_imatrix). Not modelled: the TQ* and MXFP4
+mixes (no codecs here). As in the llama.cpp source this follows, attn_qkv and attn_kv_b take the attn_v
+rules (category_is_attn_v); its separate attn_qkv branch is unreachable there and so absent here. In the
+IQ1/IQ2 mixes llama.cpp counts ffn_down tensors by occurrence even on MoE models, where the block index is
+used here: the same with one ffn_down per block, not on MoE files that also hold shared-expert ffn_down.
 """
 
 from __future__ import annotations
@@ -79,6 +83,11 @@ FALLBACK: dict[GGMLType, GGMLType] = {
     T.IQ2_XS: T.IQ4_NL, T.IQ2_S: T.IQ4_NL, T.IQ1_S: T.IQ4_NL, T.IQ1_M: T.IQ4_NL,
 }
 LAST_RESORT = T.F16
+
+# Types llama.cpp writes only with an importance matrix (tensor_requires_imatrix; Q2_K too inside Q2_K_S).
+NEEDS_IMATRIX: frozenset[GGMLType] = frozenset({T.IQ3_XXS, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_M, T.IQ1_S})
+# Tensors exempt from that rule (tensor_name_match_token_embd / tensor_name_match_output_weight).
+IMATRIX_EXEMPT: frozenset[str] = frozenset({"token_embd.weight", "per_layer_token_embd.weight", "output.weight"})
 
 
 @dataclass(frozen=True)
@@ -185,6 +194,21 @@ def arch_is(name: str) -> Cond:
     return lambda c: c.arch == name
 
 
+def experts_at_least(k: int) -> Cond:
+    """At least k experts."""
+    return lambda c: c.n_expert >= k
+
+
+def row_misfits(t: GGMLType) -> Cond:
+    """Type t's block does not divide the row (llama.cpp tests the mix default's block on the output)."""
+    return lambda c: int(c.ne[0]) % block_size(t) != 0
+
+
+def middle_layers(c: TensorCtx) -> bool:
+    """count / 8 <= index < 7 * count / 8 (integer divisions, as llama.cpp)."""
+    return c.count // 8 <= c.index < 7 * c.count // 8
+
+
 def is_70b(c: TensorCtx) -> bool:
     """A llama 70B-class model."""
     return c.is_70b
@@ -226,6 +250,7 @@ class Mix:
     default: GGMLType
     rules: tuple[Rule, ...] = field(default_factory=tuple)
     quantized: bool = True  # False for F32/F16/BF16: no per-tensor rules at all (llama.cpp: ggml_is_quantized)
+    needs_imatrix: frozenset[GGMLType] = NEEDS_IMATRIX  # types refused without an importance matrix
 
 
 def R(cats: Cat | Iterable[Cat], to: GGMLType | None, when: Cond = always) -> Rule:
@@ -238,8 +263,12 @@ DOWN, AOUT, K = Cat.FFN_DOWN, Cat.ATTN_OUTPUT, Cat.ATTN_K
 FALCON = arch_is("falcon")
 MOE8 = experts(8)
 
-# The output projection (and a tied token_embd): Q8_0 for Falcon, else Q6_K (falls back to Q8_0 on odd rows).
-OUTPUT_RULES = (R(Cat.OUTPUT, T.Q8_0, FALCON), R(Cat.OUTPUT, T.Q6_K))
+def output_rules(default: GGMLType, to: GGMLType = T.Q6_K) -> tuple[Rule, ...]:
+    """The output projection (and a tied token_embd): Q8_0 for Falcon or when the mix default's block does not
+    divide the row, else `to` (Q6_K; Q5_K in the IQ1/IQ2 mixes)."""
+    return (R(Cat.OUTPUT, T.Q8_0, any_of(FALCON, row_misfits(default))), R(Cat.OUTPUT, to))
+
+
 # 8-expert models: attn_v and attn_k at Q8_0, whatever the mix says.
 MOE_RULES = (R(V, T.Q8_0, MOE8), R(K, T.Q8_0, MOE8))
 
@@ -257,9 +286,24 @@ IQ4_RULES = (R(V, T.Q5_K, gqa_at_least(4)),
              *attn_output(None, moe=True))
 
 
-def _k_mix(default: GGMLType, *rules: Rule) -> Mix:
+def _k_mix(default: GGMLType, *rules: Rule, needs: frozenset[GGMLType] = NEEDS_IMATRIX,
+           output: GGMLType = T.Q6_K) -> Mix:
     """A quantized mix: output rule, MoE overrides, then the mix's own rules."""
-    return Mix(default, OUTPUT_RULES + MOE_RULES + tuple(rules))
+    return Mix(default, output_rules(default, output) + MOE_RULES + tuple(rules), needs_imatrix=needs)
+
+
+def _low_iq_mix(default: GGMLType, up: GGMLType, aout: GGMLType | None) -> Mix:
+    """IQ1_S/IQ1_M/IQ2_*, llama.cpp's own branch (no 70B or 8-expert Q8_0 bumps). `up`: attn_v and the first
+    eighth of ffn_down (Q2_K; IQ3_S for IQ2_S/IQ2_M, which also put token_embd there); `aout`: attn_output."""
+    return Mix(default, output_rules(default, T.Q5_K) + (
+        R(Cat.TOKEN_EMBD, T.IQ3_S if up == T.IQ3_S else T.Q2_K),
+        R(V, T.Q4_K, any_of(gqa_at_least(4), experts_at_least(4))), R(V, up),
+        R(K, T.Q4_K, MOE8),
+        R(DOWN, up, below(8)),
+        R(AOUT, T.Q5_K, MOE8), R(AOUT, aout)))
+
+
+V70 = all_of(is_70b, gqa_at_least(4))  # attn_v at Q4_K (GQA >= 4) on a 70B model: Q5_K
 
 
 MIXES: dict[str, Mix] = {
@@ -302,6 +346,35 @@ MIXES: dict[str, Mix] = {
                    *attn_output(T.Q3_K, moe=True)),
     "IQ4_NL": _k_mix(T.IQ4_NL, *IQ4_RULES),
     "IQ4_XS": _k_mix(T.IQ4_XS, *IQ4_RULES),
+    "Q2_K_S": _k_mix(T.Q2_K,
+                     R(V, T.Q5_K, V70), R(V, T.Q4_K, gqa_at_least(4)),
+                     R(DOWN, T.Q4_K, below(8)),
+                     needs=NEEDS_IMATRIX | {T.Q2_K}),
+    "IQ3_M": _k_mix(T.IQ3_S,
+                    R(V, T.Q5_K, is_70b), R(V, T.Q4_K),
+                    R(DOWN, T.Q4_K, any_of(below(8), all_of(MOE8, more_bits))),
+                    *attn_output(T.Q4_K, moe=True)),
+    "IQ3_S": _k_mix(T.IQ3_S,
+                    R(V, T.Q5_K, V70), R(V, T.Q4_K, gqa_at_least(4)),
+                    *attn_output(None, moe=True)),
+    "IQ3_XS": _k_mix(T.IQ3_S,
+                     R(V, T.Q5_K, V70), R(V, T.Q4_K, gqa_at_least(4)),
+                     R((K, Cat.ATTN_Q), T.IQ3_XXS),
+                     R((Cat.FFN_GATE, Cat.FFN_UP), T.IQ3_XXS, middle_layers),
+                     *attn_output(None, moe=True)),
+    "IQ3_XXS": _k_mix(T.IQ3_XXS,
+                      R(Cat.TOKEN_EMBD, T.IQ3_S),
+                      R(V, T.Q5_K, V70), R(V, T.Q4_K, gqa_at_least(4)), R(V, T.IQ3_S, negate(with_imatrix)),
+                      R((K, Cat.ATTN_Q), T.IQ2_S),
+                      R(DOWN, T.Q4_K, all_of(negate(with_imatrix), below(8))),
+                      R(DOWN, T.Q3_K, negate(with_imatrix)),
+                      *attn_output(T.IQ3_S, moe=True), output=T.Q5_K),
+    "IQ2_M": _low_iq_mix(T.IQ2_S, T.IQ3_S, T.IQ3_S),
+    "IQ2_S": _low_iq_mix(T.IQ2_XS, T.IQ3_S, T.IQ3_S),
+    "IQ2_XS": _low_iq_mix(T.IQ2_XS, T.Q2_K, None),
+    "IQ2_XXS": _low_iq_mix(T.IQ2_XXS, T.Q2_K, None),
+    "IQ1_M": _low_iq_mix(T.IQ1_M, T.Q2_K, T.IQ2_XXS),
+    "IQ1_S": _low_iq_mix(T.IQ1_S, T.Q2_K, T.IQ2_XXS),
 }
 
 
@@ -409,7 +482,16 @@ def choose_type(mix: Mix, c: TensorCtx, available: Iterable[GGMLType],
         t = _manual(c.name, ov)
     if t is None:
         t = mix.default if ov.pure else rule_type(mix, c, ov.output_type)
-    return resolve(t, int(c.ne[0]), avail)
+    t = resolve(t, int(c.ne[0]), avail)
+    if not c.has_imatrix and requires_imatrix(mix, c.name, t):
+        raise QFError(f"this quantization requires an importance matrix: {c.name} gets {t.name}, which "
+                      f"llama.cpp writes only with one (pass --imatrix, e.g. a file from qimatrix)")
+    return t
+
+
+def requires_imatrix(mix: Mix, name: str, t: GGMLType) -> bool:
+    """llama.cpp's tensor_requires_imatrix: whether tensor `name` at type t needs importance under this mix."""
+    return name not in IMATRIX_EXEMPT and t in mix.needs_imatrix
 
 
 _LAYER = re.compile(r"^blk\.(\d+)\.")
