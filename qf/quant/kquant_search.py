@@ -280,8 +280,8 @@ def make_qp_quants(n, nmax, x, L, qw):
     sumlx = _F32(0.0)
     suml2 = _F32(0.0)
     for i in range(n):
-        l = min(nmax, nearest_int(iscale * x[i])) & 0xFF
-        L[i] = l
+        l = min(nmax, nearest_int(iscale * x[i]))  # the sums see int l (-1 for IQ2_XXS's flipped x), L its byte
+        L[i] = l & 0xFF
         sumlx += qw[i] * x[i] * _F32(l)
         suml2 += qw[i] * _F32(l) * _F32(l)
     for _ in range(5):
