@@ -15,6 +15,7 @@ from qf.quant.methods.base import (
 METHOD_MODULES: tuple[str, ...] = (
     "qf.quant.methods.gptq",
     "qf.quant.methods.fp8",
+    "qf.quant.methods.awq",
 )
 
 
