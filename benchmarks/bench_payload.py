@@ -8,6 +8,7 @@ Pairs (same weights on both sides where the grid allows):
   int W4 g64 asym payload vs  Q4_0 of the same shape
   fp8 channel payload     vs  Q8_0 (the fp8 weights requantized)
   fp8 block 128x128       vs  Q8_0
+  int W4 g64 act-order    vs  the same payload without a group index (what sorting inputs by group costs)
 One "token" is one matvec through every linear of a decoder layer (q, k, v, o, gate, up, down), as decode
 runs them, through CpuBackend.linear. Rounds interleave the two sides and the table gives the median of the
 per-round ratios (load that drifts on a shared machine hits both sides of a round alike).
@@ -52,6 +53,15 @@ def _int4(n_out: int, n_in: int, sym: bool, rng: np.random.Generator) -> tuple[A
     return _payload(scheme, a, n_in, n_out), TensorRef("w.weight", GGMLType.Q4_0, (n_in, n_out), q)
 
 
+def _int4_actorder(n_out: int, n_in: int, rng: np.random.Generator) -> tuple[Any, Any]:
+    """(W4 g64 sym payload with a GPTQ act-order group index, the same codes and scales without one)."""
+    a = {"weight_packed": rng.integers(-2**31, 2**31, (n_out, n_in // 8), dtype=np.int64).astype(np.int32),
+         "weight_scale": (rng.random((n_out, n_in // 64)) * 0.01 + 1e-3).astype(np.float16)}
+    plain = _payload("int;bits=4;group=64;sym=1;g_idx=0", a, n_in, n_out)
+    g = {**a, "weight_g_idx": (rng.permutation(n_in) // 64).astype(np.int32)}
+    return _payload("int;bits=4;group=64;sym=1;g_idx=1", g, n_in, n_out), plain
+
+
 def _fp8(n_out: int, n_in: int, block: bool, rng: np.random.Generator) -> tuple[Any, Any]:
     """(fp8 payload, Q8_0 TensorRef of its dequantized weights) of one shape."""
     from qf.format.ggml_types import GGMLType
@@ -71,6 +81,7 @@ def _fp8(n_out: int, n_in: int, block: bool, rng: np.random.Generator) -> tuple[
 PAIRS: dict[str, tuple[str, str, Callable[..., tuple[Any, Any]]]] = {
     "int4 g64 sym": ("payload W4 g64 sym", "Q4_0", lambda o, i, r: _int4(o, i, True, r)),
     "int4 g64 asym": ("payload W4 g64 asym", "Q4_0", lambda o, i, r: _int4(o, i, False, r)),
+    "int4 g64 act-order": ("payload W4 g64 act-order", "W4 g64 payload", lambda o, i, r: _int4_actorder(o, i, r)),
     "fp8 channel": ("payload FP8 channel", "Q8_0", lambda o, i, r: _fp8(o, i, False, r)),
     "fp8 block": ("payload FP8 block 128", "Q8_0", lambda o, i, r: _fp8(o, i, True, r)),
 }
@@ -107,14 +118,14 @@ def main() -> None:
     shapes = LAYER_SHAPES[args.model]
     xs = [rng.standard_normal((1, i)).astype(np.float32) for _, i in shapes]
     print(f"{args.model} layer ({len(shapes)} linears), {args.threads} threads, {args.rounds} rounds: "
-          "us per layer-token (median of rounds), payload / ggml speed ratio (median of per-round ratios)")
-    print("| payload | us | ggml | us | speed vs ggml | rounds min-max |")
+          "us per layer-token (median of rounds), payload / baseline speed ratio (median of per-round ratios)")
+    print("| payload | us | baseline | us | speed vs baseline | rounds min-max |")
     print("|---|---|---|---|---|---|")
     for key in args.pairs:
         pname, gname, make = PAIRS[key]
         built = [make(o, i, rng) for o, i in shapes]
         pm, gm = [be.matrix(p) for p, _ in built], [be.matrix(g) for _, g in built]
-        _token(be, pm, xs), _token(be, gm, xs)  # compile / warm
+        _best(be, pm, xs, args.reps), _best(be, gm, xs, args.reps)  # compile, warm the threads
         tp, tg, ratio = [], [], []
         for _ in range(args.rounds):
             a, b = _best(be, pm, xs, args.reps), _best(be, gm, xs, args.reps)

@@ -56,15 +56,38 @@ def test_int_group(bits, group, sym, shape):
     assert payload_matrix(ref).kind is not None  # the vector kernel, not the per-input fallback
 
 
-def test_int_act_order():
-    """A group index (act-order) runs the per-input kernel, same contract."""
-    rng = np.random.default_rng(1)
-    n_out, n_in, group = 24, 256, 64
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("shape", [(24, 256), (7, 576)])
+def test_int_act_order(bits, sym, shape):
+    """A GPTQ act-order group index (equal groups in a shuffled order): inputs sorted by group at load, the
+    vector kernel on repacked codes; rows come back in the file's order, bit for bit."""
+    rng = np.random.default_rng(bits + 10 * sym + shape[1])
+    (n_out, n_in), group = shape, 64
+    a = {"weight_packed": rng.integers(-2**31, 2**31, (n_out, n_in * bits // 32)).astype(np.int32),
+         "weight_scale": (rng.random((n_out, n_in // group)) * 0.01).astype(np.float16),
+         "weight_g_idx": (rng.permutation(n_in) // group).astype(np.int32)}
+    if not sym:
+        a["weight_zero"] = rng.integers(0, 1 << bits, (n_out, n_in // group)).astype(np.int16)
+    ref = _ref(f"int;bits={bits};group={group};sym={int(sym)};g_idx=1", a, n_in, n_out)
+    _check(ref, rng)
+    pm = payload_matrix(ref)
+    assert pm.perm is not None and pm.kind is not None
+
+
+def test_int_group_index_unequal_groups():
+    """A group index whose groups differ in size keeps the per-input kernel, same contract."""
+    rng = np.random.default_rng(3)
+    n_out, n_in, group = 12, 256, 64
+    g = rng.permutation(n_in) // group
+    g[g == 3] = 2  # group 2 has 128 inputs, group 3 none
     a = {"weight_packed": rng.integers(-2**31, 2**31, (n_out, n_in // 8)).astype(np.int32),
          "weight_scale": (rng.random((n_out, n_in // group)) * 0.01).astype(np.float16),
          "weight_zero": rng.integers(0, 16, (n_out, n_in // group)).astype(np.int16),
-         "weight_g_idx": (rng.permutation(n_in) // group).astype(np.int32)}
-    _check(_ref(f"int;bits=4;group={group};sym=0;g_idx=1", a, n_in, n_out), rng)
+         "weight_g_idx": g.astype(np.int32)}
+    ref = _ref(f"int;bits=4;group={group};sym=0;g_idx=1", a, n_in, n_out)
+    _check(ref, rng)
+    assert payload_matrix(ref).perm is None
 
 
 @pytest.mark.parametrize("scale", ["channel", "tensor", "block;block=128x128", "block;block=16x40"])

@@ -5,7 +5,10 @@ Decode is a fused dequant dot product per output row, parallel over rows, in 16-
 multiplies the activations laid out to match (xp), products are scaled per lane by their group's scale and
 the zero points enter as -s * z times the group sums of x (sum s * (u - z) x = s * sum u x - s * z * sum x),
 all in one vector sum. Bit width and words per group are compile-time (PayloadKind). With a group index
-(act-order) a per-input scalar kernel runs. FP8 e4m3 bytes are decoded exactly through f16 32 at a time and
+(act-order) whose groups each hold `group` inputs (GPTQ's), the inputs are sorted by group at load: the codes
+are repacked once in that order (a RAM copy of this weight's codes, the only payload not read from the mmap)
+and each token's activations are permuted to match, so the vector kernel runs; any other group index runs a
+per-input scalar kernel. FP8 e4m3 bytes are decoded exactly through f16 32 at a time and
 scaled once per scale block. The same fused kernel serves a few tokens and exact rows (each token sums
 exactly as alone); larger batches decode row tiles to f32 (vector decode, equal to the reference dequantizer
 bit for bit) and multiply them with BLAS (numpy). Dispatch is by scheme name (`PAYLOAD_KERNELS`), the same
@@ -37,21 +40,31 @@ _JIT = dict(fastmath=FASTMATH, cache=True, error_model="numpy")
 
 
 @numba.njit(**_JIT)
-def _int_x(kind, x: np.ndarray, n_words: int, wp: int, group: int, n_cols: int) -> tuple[np.ndarray, np.ndarray]:
-    """(xp, xs) of tokens x [M, n_in]: xp[m, k * wp + w] = x[m, w * per_word + k] (zeros for w >= n_words), xs[m, g]
-    the sum of x[m] over inputs [g * group, (g + 1) * group) (zeros up to n_cols). Serial: a separate function
-    keeps numba from making parallel loops (thread launches) of these small ones."""
+def _int_x(kind, x: np.ndarray, perm: np.ndarray, n_words: int, wp: int, group: int,
+           n_cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """(xp, xs) of tokens x [M, n_in], taken in the input order perm when it is not empty (act-order, else as
+    they are; xo below): xp[m, k * wp + w] = xo[m, w * per_word + k] (zeros for w >= n_words), xs[m, g] the sum
+    of xo[m] over inputs [g * group, (g + 1) * group) (zeros up to n_cols). Serial: a separate function keeps
+    numba from making parallel loops (thread launches) of these small ones."""
     pf = per_word(kind)
+    n_in = x.shape[1]
+    xo = np.empty((x.shape[0], n_in), np.float32)
+    for m in range(x.shape[0]):
+        if perm.shape[0]:
+            for i in range(n_in):
+                xo[m, i] = x[m, perm[i]]
+        else:
+            xo[m] = x[m]
     xp = np.zeros((x.shape[0], pf * wp), np.float32)
     xs = np.zeros((x.shape[0], n_cols), np.float32)
     for m in range(x.shape[0]):
         for w in range(n_words):
             for k in range(pf):
-                xp[m, k * wp + w] = x[m, w * pf + k]
-        for g in range(0, x.shape[1] // group):
+                xp[m, k * wp + w] = xo[m, w * pf + k]
+        for g in range(0, n_in // group):
             t = np.float32(0.0)
             for i in range(g * group, (g + 1) * group):
-                t += x[m, i]
+                t += xo[m, i]
             xs[m, g] = t
     return xp, xs
 
@@ -93,13 +106,13 @@ def _int_dot(kind, packed: np.ndarray, o: int, wshift: int, scale: np.ndarray, z
 
 @numba.njit(parallel=True, **_JIT)
 def _int_matmul(kind, packed: np.ndarray, wshift: int, group: int, scale: np.ndarray, zs: np.ndarray, n_groups: int,
-                x: np.ndarray, out: np.ndarray) -> None:
+                perm: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
     """out[m, o] = row o . x[m] for a packed u32 [O, W] matrix; groups of 2^wshift words (wshift 62: one group)
     and `group` inputs; scale, zs: [O, >= round16(n_groups) + 16] (zs: -zc * s for symmetric codes, -s * z
     else); every token's sum is the one it gets alone."""
     n_words = packed.shape[1]
     wp = (n_words + 15) // 16 * 16
-    xps, xss = _int_x(kind, x, n_words, wp, group, scale.shape[1])
+    xps, xss = _int_x(kind, x, perm, n_words, wp, group, scale.shape[1])
     for o in prange(packed.shape[0]):
         for m in range(x.shape[0]):
             out[m, o] = _int_dot(kind, packed, o, wshift, scale, zs, xps, xss, m, n_groups)
@@ -125,6 +138,29 @@ def _int_rows_vec(kind, packed8: np.ndarray, group: int, scale: np.ndarray, zero
             z = zero[o, g] if has_zero else np.float32(zc)
             u = (row[i * bits // 8] >> ((i * bits) % 8)) & ((1 << bits) - 1)
             dst[i] = scale[o, g] * (np.float32(u) - z)
+
+
+@numba.njit(parallel=True, cache=True)
+def _repack(packed: np.ndarray, bits: int, perm: np.ndarray, out: np.ndarray) -> None:
+    """out[o] = the codes of packed[o] in input order perm (code j of out = code perm[j] of packed); both u32
+    [O, W], out zeroed."""
+    pf = 32 // bits
+    mask = np.uint32((1 << bits) - 1)
+    for o in prange(packed.shape[0]):
+        for j in range(perm.shape[0]):
+            i = perm[j]
+            c = (packed[o, i // pf] >> np.uint32(i % pf * bits)) & mask
+            out[o, j // pf] |= c << np.uint32(j % pf * bits)
+
+
+def sorted_by_group(gidx: np.ndarray, group: int, n_groups: int) -> np.ndarray | None:
+    """The stable order of inputs by group when it makes every group `group` consecutive inputs (as GPTQ's
+    act-order g_idx does), else None."""
+    if gidx.size % group or gidx.size // group != n_groups or gidx.min() < 0:
+        return None
+    if not np.array_equal(np.bincount(gidx, minlength=n_groups), np.full(n_groups, group)):
+        return None
+    return np.argsort(gidx, kind="stable")
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
@@ -325,6 +361,16 @@ class IntGroupMatrix(PayloadMatrix):
         self.gidx = np.ascontiguousarray(p.group_of(self.n_in, a.get("weight_g_idx")), dtype=np.int64)
         self.group = self.n_in if p.group <= 0 else p.group
         n_words = self.packed.shape[1]
+        self.perm = None  # act-order: inputs sorted by group, codes repacked in that order at load
+        self.xperm = np.zeros(0, np.int64)  # the same order for the fused kernel (empty: the file's order)
+        if self.gidx_given and p.group > 0 and self.n_in == n_words * (32 // p.bits):
+            self.perm = sorted_by_group(self.gidx, self.group, self.scale.shape[1])
+            if self.perm is not None:
+                codes = np.zeros_like(self.packed)
+                _repack(self.packed, p.bits, self.perm, codes)
+                self.packed, self.gidx_given = codes, False
+                self.gidx = np.arange(self.n_in, dtype=np.int64) // self.group
+                self.xperm = self.perm.astype(np.int64)
         lanes = 0 if self.gidx_given else _scale_lanes(p.group, p.bits, n_words)
         self.kind = PayloadKind(p.bits, lanes) if lanes else None
         self.row_kind = PayloadKind(p.bits, 16) if not self.gidx_given and self.group % 16 == 0 else None
@@ -342,7 +388,7 @@ class IntGroupMatrix(PayloadMatrix):
                 _int_matvec_gidx(self.packed, self.bits, self.gidx, self.scale, self.zero, self.zc, x[m], out[m])
         else:
             _int_matmul(self.kind, self.packed, self.wshift, self.group, self.scale_pad, self.zs_pad,
-                        self.scale.shape[1], x, out)
+                        self.scale.shape[1], self.xperm, x, out)
         return out
 
     def rows(self, r0: int, r1: int) -> np.ndarray:
@@ -353,6 +399,10 @@ class IntGroupMatrix(PayloadMatrix):
         else:
             _int_rows_vec(self.row_kind, self.packed.view(np.uint8), self.group, self.scale, self.zero, self.zc,
                           r0, out)
+        if self.perm is not None:  # back to the file's input order
+            back = np.empty_like(out)
+            back[:, self.perm] = out
+            return back
         return out
 
 
