@@ -6,7 +6,12 @@ linears, with s = mean|x|^a / mean_w^(1-a) (`duo`, AutoAWQ's default; mean_w: |W
 group's max, averaged over output rows) or s = mean|x|^a, over a grid of a in [0, 1], s normalized by
 sqrt(max s * min s); s = 1 (plain round to nearest) is always a candidate, so the search never loses to RTN on
 its own objective. Then, optionally (AutoAWQ's auto_clip), each (row, group) of a linear gets the clamp
-max|w| * (1 - k / 20), k < 10, minimizing the group's partial output error on a token sample.
+max|w| * (1 - k / 20), k < 10, minimizing the group's partial output error.
+
+Both errors are computed from H = X^T X (any positive multiple: the seam's 2/T X^T X) over every calibration row,
+never from the rows themselves: || X D^T ||^2 = tr(D H D^T) for D = Q(W s)/s - W, and a (row, group)'s partial
+output error is d^T H_gg d with H_gg the group's diagonal block. AutoAWQ evaluates the same objectives on a token
+sample (the attention block's output for q/k/v); here one product with H per candidate covers all of them.
 
 The quantization grid is qf.quant.grids.IntGrid's (fp16 scales; symmetric 2^(b-1) zero, or asymmetric over
 [min(w, 0), max(w, 0)]), restated vectorized in `fake_quant` and checked equal to it in the tests.
@@ -20,8 +25,6 @@ import numpy as np
 
 N_GRID = 20  # alpha in {0, 1/20, ..., 1}
 CLIP_GRID, CLIP_MAX_SHRINK = 20, 0.5  # AutoAWQ's auto_clip: max|w| * (1 - k / 20), k = 0..9
-CLIP_TOKENS = 512  # tokens the clip search looks at (AutoAWQ's n_sample_token)
-CLIP_ROWS = 256  # output rows per clip batch (memory: rows x groups x tokens f32)
 F16_TINY = np.float32(2.0 ** -24)
 F16_MAX = np.float32(65504.0)
 
@@ -83,14 +86,20 @@ def candidate_scales(x_mean: np.ndarray, w_mean: np.ndarray | None, alpha: float
     return (s / np.sqrt(s.max() * s.min())).astype(np.float32)
 
 
-def group_loss(x: np.ndarray, ws: list[np.ndarray], refs: list[np.ndarray], s: np.ndarray, grid: Grid) -> float:
-    """|| x W^T - (x / s) Q(W s)^T ||^2 summed over the group's linears (x f32 [R, n_in], refs x W^T)."""
-    xs = x / s
-    total = 0.0
-    for w, ref in zip(ws, refs):
-        y = xs @ fake_quant(w * s, grid).T  # y: [R, n_out]
-        total += float(np.square(y - ref, dtype=np.float64).sum())
-    return total
+def _error(w: np.ndarray, wq: np.ndarray, h: np.ndarray) -> float:
+    """tr(D H D^T), D = wq - w (f32 [n_out, n_in], h [n_in, n_in])."""
+    d = wq - w
+    return float(np.einsum("ij,ij->", d @ h, d, dtype=np.float64))
+
+
+def group_loss(h: np.ndarray, ws: list[np.ndarray], s: np.ndarray, grid: Grid) -> float:
+    """|| x W^T - (x / s) Q(W s)^T ||^2 summed over the group's linears, as tr(D H D^T) with H ~ X^T X."""
+    return sum(_error(w, fake_quant(w * s, grid) / s, h) for w in ws)
+
+
+def relative_error(h: np.ndarray, w: np.ndarray, wq: np.ndarray) -> float:
+    """|| X (wq - w)^T || / || X w^T || from H."""
+    return float(np.sqrt(_error(w, wq, h) / max(_error(np.zeros_like(w), w, h), 1e-30)))
 
 
 @dataclass
@@ -103,45 +112,41 @@ class ScaleResult:
     loss: float
 
 
-def search_scales(x: np.ndarray, x_mean: np.ndarray, ws: list[np.ndarray], grid: Grid, duo: bool = True,
+def search_scales(h: np.ndarray, x_mean: np.ndarray, ws: list[np.ndarray], grid: Grid, duo: bool = True,
                   n_grid: int = N_GRID) -> ScaleResult:
-    """The best s over alpha in {0, 1/n_grid, ..., 1} (and s = 1) for linears ws [n_out_i, n_in] sharing input x
-    (a row sample f32 [R, n_in]; x_mean: mean |x| per channel over every row)."""
-    x = np.asarray(x, np.float32)
-    refs = [x @ w.T for w in ws]
-    one = np.ones(x.shape[1], np.float32)
-    best = ScaleResult(one, None, 0.0, group_loss(x, ws, refs, one, grid))
+    """The best s over alpha in {0, 1/n_grid, ..., 1} (and s = 1) for linears ws [n_out_i, n_in] sharing one input
+    (h: its X^T X up to a positive factor, [n_in, n_in]; x_mean: mean |x| per channel)."""
+    h = np.asarray(h, np.float32)
+    one = np.ones(h.shape[0], np.float32)
+    best = ScaleResult(one, None, 0.0, group_loss(h, ws, one, grid))
     best.loss_rtn = best.loss
     w_mean = weight_mean(ws, grid) if duo else None
     for k in range(n_grid + 1):
         s = candidate_scales(x_mean, w_mean, k / n_grid)
-        loss = group_loss(x, ws, refs, s, grid)
+        loss = group_loss(h, ws, s, grid)
         if loss < best.loss:
             best.scales, best.alpha, best.loss = s, k / n_grid, loss
     return best
 
 
-def clip_weight(w: np.ndarray, x: np.ndarray, grid: Grid, n_grid: int = CLIP_GRID,
+def clip_weight(w: np.ndarray, h: np.ndarray, grid: Grid, n_grid: int = CLIP_GRID,
                 max_shrink: float = CLIP_MAX_SHRINK) -> np.ndarray:
     """w with each (row, group) clamped to +-max|w| * (1 - k / n_grid) for the k (< max_shrink * n_grid) whose
-    quantized group gives the least partial-output error on tokens x f32 [N, n_in]; f32 [n_out, n_in]."""
+    quantized group gives the least partial-output error d^T H_gg d; f32 [n_out, n_in]."""
     n_out, n_in = w.shape
     g = grid.width(n_in)
-    xg = np.ascontiguousarray(x.reshape(x.shape[0], n_in // g, g).transpose(1, 2, 0))  # xg: [G, g, N]
-    out = np.empty_like(w)
-    for r0 in range(0, n_out, CLIP_ROWS):
-        wb = w[r0:r0 + CLIP_ROWS].reshape(-1, n_in // g, g)  # wb: [rows, G, g]
-        ref = np.einsum("rgk,gkn->rgn", wb, xg)  # partial outputs per (row, group, token)
-        amax = np.abs(wb).max(axis=2, keepdims=True)
-        best_err = np.full(wb.shape[:2], np.inf)
-        best = wb.copy()
-        for k in range(int(max_shrink * n_grid)):
-            m = amax * (1.0 - k / n_grid)
-            c = np.clip(wb, -m, m)
-            q = fake_quant(c.reshape(c.shape[0], n_in), grid).reshape(c.shape)
-            err = np.square(np.einsum("rgk,gkn->rgn", q, xg) - ref).mean(axis=2)
-            better = err < best_err
-            best_err = np.where(better, err, best_err)
-            best = np.where(better[..., None], c, best)
-        out[r0:r0 + CLIP_ROWS] = best.reshape(-1, n_in)
-    return out
+    n_g = n_in // g
+    hb = np.asarray(h, np.float32).reshape(n_g, g, n_g, g)[np.arange(n_g), :, np.arange(n_g), :]  # hb: [G, g, g]
+    wb = w.reshape(n_out, n_g, g)
+    amax = np.abs(wb).max(axis=2, keepdims=True)
+    best_err = np.full((n_out, n_g), np.inf)
+    best = wb.copy()
+    for k in range(int(max_shrink * n_grid)):
+        m = amax * (1.0 - k / n_grid)
+        c = np.clip(wb, -m, m)
+        d = fake_quant(c.reshape(n_out, n_in), grid).reshape(c.shape) - wb  # d: [rows, G, g]
+        err = np.einsum("rgk,gkl,rgl->rg", d, hb, d, optimize=True)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best = np.where(better[..., None], c, best)
+    return best.reshape(n_out, n_in).astype(np.float32)

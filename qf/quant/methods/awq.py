@@ -1,6 +1,6 @@
 """AWQ as a calibrated method: `AWQ-W4G64` (asymmetric, as AWQ is), `AWQ-W4G64-SYM`, ... (qf.quant.awq).
 
-Per block: one f32 run collects each input group's rows (a seeded sample) and mean |x| per channel; then, for
+Per block: one f32 run collects each input group's H = 2/T X^T X and mean |x| per channel; then, for
 each scale group of SCALE_GROUPS (data: the producer that absorbs 1/s and the linears reading its output), the
 scale search, the fold (producer / s, linears * s), the optional clip search, and round to nearest on the same
 integer grid as GPTQ/RTN (qf.quant.methods.gptq emits it: the `int` payload, or Q4_0/Q8_0 where exact). The block
@@ -19,7 +19,6 @@ from qf.quant.methods.gptq import GPTQMethod, GPTQParams
 
 BITS = (4, 8)
 GROUPS = (32, 64, 128)
-SAMPLE_ROWS = 4096  # calibration rows the scale search evaluates (seeded sample; channel means use every row)
 CLIP_SKIP = ("wq", "wk")  # AutoAWQ does not clip q/k (RoPE spreads their error)
 
 
@@ -45,7 +44,7 @@ SCALE_GROUPS: tuple[ScaleGroup, ...] = (
 
 @dataclass(frozen=True)
 class AwqParams:
-    """Integer grid, AutoAWQ's options (duo scaling, clip search), search size, --keep-payload."""
+    """Integer grid, AutoAWQ's options (duo scaling, clip search), alpha grid size, --keep-payload."""
 
     bits: int = 4
     group: int = 64
@@ -53,7 +52,6 @@ class AwqParams:
     duo: bool = True
     clip: bool = True
     n_grid: int = 20
-    sample_rows: int = SAMPLE_ROWS
     keep_payload: bool = False
 
     def rounding(self) -> GPTQParams:
@@ -79,18 +77,16 @@ def _group_of(role: str) -> int:
 
 
 class _Collector:
-    """Hook of the f32 run: per input group, a row sample and mean |x| per channel."""
+    """Hook of the f32 run: per input group, H = 2/T X^T X (f32) and mean |x| per channel."""
 
-    def __init__(self, n_rows: int, sample_rows: int, seed: int) -> None:
-        rng = np.random.default_rng(seed)
-        self.rows = np.sort(rng.choice(n_rows, min(n_rows, sample_rows), replace=False))
-        self.x: dict[int, np.ndarray] = {}
+    def __init__(self) -> None:
+        self.h: dict[int, np.ndarray] = {}
         self.mean: dict[int, np.ndarray] = {}
 
     def __call__(self, group: InputGroup) -> None:
         g = _group_of(group.roles[0]) if group.roles else None
         if g is not None:
-            self.x[g] = np.array(group.x[self.rows], np.float32)  # x: [R, n_in]
+            self.h[g] = group.hessian().astype(np.float32)  # h: [n_in, n_in]
             self.mean[g] = group.channel_stats()["mean_abs"]
 
 
@@ -129,33 +125,32 @@ class AwqMethod:
 
     def quantize_layer(self, spec: TypeSpec, layer: CalibLayer) -> np.ndarray:
         """Collect, search and fold scales, clip, round; the block's output with its quantized weights."""
-        from qf.quant.awq import Grid, clip_weight, search_scales
+        from qf.quant.awq import Grid, clip_weight, relative_error, search_scales
 
         p: AwqParams = spec.params
         if layer.n_rows == 0:
             raise QFError(f"--type {spec.name} calibrates: give --calib FILE")
-        col = _Collector(layer.n_rows, p.sample_rows, seed=layer.index)
+        col = _Collector()
         layer.run(col)
         grid = Grid(p.bits, p.group, p.sym)
-        original = {r: layer.weight(r).copy() for r in layer.linears}
-        inputs: dict[str, np.ndarray] = {}  # role -> its sampled input as the scaled weights see it
+        hs: dict[str, np.ndarray] = {}  # role -> H of its input as the scaled weights see it (x / s)
         for sg in SCALE_GROUPS:
             g = _group_of(sg.linears[0])
-            if _applies(sg, layer) or g not in col.x:
+            if _applies(sg, layer) or g not in col.h:
                 continue
-            res = search_scales(col.x[g], col.mean[g], [layer.weight(r) for r in sg.linears], grid, p.duo,
+            res = search_scales(col.h[g], col.mean[g], [layer.weight(r) for r in sg.linears], grid, p.duo,
                                 p.n_grid)
             self._fold(layer, sg, res.scales)
             for r in sg.linears:
-                inputs[r] = col.x[g] / res.scales
+                hs[r] = col.h[g] / np.outer(res.scales, res.scales)
         for role in layer.linears:
-            g = _group_of(role)
-            x = inputs.get(role, col.x.get(g))
-            if p.clip and role not in CLIP_SKIP and x is not None:
-                layer.set_weight(role, clip_weight(layer.weight(role), x[:512], grid))
+            h = hs.get(role, col.h.get(_group_of(role)))
+            w = layer.weight(role).copy()
+            if p.clip and role not in CLIP_SKIP and h is not None:
+                layer.set_weight(role, clip_weight(w, h, grid))
             GPTQMethod._int(layer, role, p.rounding(), None)  # RTN on the grid, set and emitted
-            if x is not None:
-                layer.report(role, _relative(col.x[g], original[role], x, layer.weight(role)))
+            if h is not None:
+                layer.report(role, relative_error(h, w, layer.weight(role)))
         return layer.run()
 
     @staticmethod
@@ -167,12 +162,6 @@ class AwqMethod:
         layer.set_weight(sg.prev, prev / (s if prev.ndim == 1 else s[:, None]))
         if sg.prev_bias and sg.prev_bias in layer.roles():
             layer.set_weight(sg.prev_bias, layer.weight(sg.prev_bias) / s)
-
-
-def _relative(x: np.ndarray, w: np.ndarray, xs: np.ndarray, q: np.ndarray) -> float:
-    """|| xs q^T - x w^T || / || x w^T || on the row sample."""
-    ref = x @ w.T
-    return float(np.linalg.norm(xs @ q.T - ref) / max(float(np.linalg.norm(ref)), 1e-30))
 
 
 METHOD = AwqMethod()
