@@ -327,3 +327,37 @@ def test_qexport_cli(src_dir, tmp_path):
     assert r.exit_code == 2 and "already exists" in r.output
     r = CliRunner().invoke(main, [str(qf), str(tmp_path / "f"), "--format", "float"])
     assert r.exit_code == 0 and (tmp_path / "f" / "model.safetensors").exists()
+
+
+def test_tied_embeddings_keep_lm_head_unquantized(tiny_checkpoint_module, tmp_path):
+    src = tiny_checkpoint_module(tied=True)
+    qf = tmp_path / "m.qf"
+    convert(src, qf, "Q4_0")
+    out = tmp_path / "export"
+    export_quantized(qf, out, "compressed-tensors", dtype="float32")
+    assert _qc(out)["ignore"] == ["lm_head"] and json.loads((out / "config.json").read_text())["tie_word_embeddings"]
+    sd = _load_hf(out).state_dict()
+    for n, w in _ggml_weights(qf).items():
+        assert np.array_equal(sd[n].numpy(), w), n
+
+
+def test_payload_file_exports_dequantized_as_float(src_dir, tmp_path):
+    qdir = tmp_path / "ct"
+    ct_checkpoint(src_dir, qdir, "w4a16_g32_asym")
+    qf = tmp_path / "m.qf"
+    convert(qdir, qf, "F32", keep_payload=True)
+    from qf.convert.export import export_hf
+
+    out = export_hf(qf, tmp_path / "float", dtype="float32")
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    _close(_transformers_logits_float(out), _runtime_logits(qf), 1e-4)
+
+
+def _transformers_logits_float(folder) -> np.ndarray:
+    """transformers' logits of IDS for an unquantized folder."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return m(torch.tensor([IDS])).logits[0].float().numpy()

@@ -13,7 +13,7 @@ HF's order (the converter's Q/K head permutation undone); block scales must not 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Union
 
 import numpy as np
@@ -224,8 +224,3 @@ def plan_linears(src: ExportSource, names: list[str]) -> dict[str, LinearInfo]:
 def read_linear(src: ExportSource, g: str, info: LinearInfo) -> Linear:
     """The weight of a planned linear in HF row order."""
     return _payload_linear(src, g, info) if g in src.payloads else _ggml_linear(src, g, info)
-
-
-def with_params(info: LinearInfo, **changes) -> LinearInfo:
-    """A copy of info with fields replaced."""
-    return replace(info, **changes)

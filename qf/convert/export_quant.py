@@ -28,6 +28,7 @@ from qf.format.reader import open_gguf
 from qf.quant.formats import PAYLOAD_SOURCE_KEY
 
 DEFAULT_LAYOUT = "compressed-tensors"
+HEAD_MODULE = "lm_head"  # transformers' output projection module in every architecture qf exports
 
 
 @dataclass
@@ -57,6 +58,8 @@ def _plan(src: ExportSource, lay: Layout) -> tuple[list[tuple[str, str]], dict[s
         raise ConvertError(f"{src.path}: {e}") from None
     ignore = [hf[: -len(".weight")] for g, hf in pairs
               if g not in infos and hf.endswith(".weight") and len(src.ne(g)) >= 2 and "embed" not in hf]
+    if HEAD_MODULE not in ignore:  # a tied head is still a Linear module that a "Linear" target would match
+        ignore.insert(0, HEAD_MODULE)
     return pairs, infos, ignore
 
 
