@@ -91,7 +91,9 @@ def _method_help() -> str:
     return (f"Calibrated types (need --calib): {', '.join(gptq)}. Round-to-nearest baselines on the same grids: "
             f"{', '.join(rtn)}. W<bits>: 2/4/8-bit codes; G<n>: one scale per n inputs, CH: per output channel; "
             "-ASYM: with zero points. Symmetric W4/W8 with groups of whole 32-value blocks are written as Q4_0/Q8_0 "
-            "(exact); the rest as the int payload (docs/qf-extensions.md).")
+            "(exact); the rest as the int payload (docs/qf-extensions.md). Other methods: "
+            + ", ".join(n for n in names if not n.startswith(("GPTQ-", "RTN-"))) + " (AWQ: asymmetric unless -SYM; "
+            "FP8: e4m3 payload, -STATIC adds an input scale from --calib).")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=_method_help())
