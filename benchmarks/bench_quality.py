@@ -8,7 +8,12 @@ stream is rotated by a seeded random orthogonal matrix (qf.eval.rotate; the same
 registered), scored with qperplexity on the evaluation slice of the Jargon File (F16 is the KLD reference:
 its logits are saved, every other type is compared with them), and timed for prefill/decode (--no-speed skips
 the timing). With the rotated reference, the unrotated F16 is scored too: its KLD shows what the rotation
-itself changes. --imatrix-types Q4_K_M,Q2_K adds rows for those types quantized with an importance matrix
+itself changes. --reference widened widens the residual stream from 576 to 768 instead (qf.eval.widen: zero-pad
+and random rotation, the same function), so that every matrix reading the residual stream has 256-aligned rows
+and the 256-block types (K, IQ) apply where SmolLM2's own width sends them to 32-block fallbacks.
+--imatrix-all converts every quantized type with the qimatrix importance matrix (the IQ1/IQ2/IQ3_XXS/XS and
+Q2_K_S mixes refuse to run without one, as llama.cpp does); the IQ rows of the README come from
+`--reference widened --imatrix-all --types IQ4_XS,IQ4_NL,IQ3_M,IQ3_S,...`. --imatrix-types Q4_K_M,Q2_K adds rows for those types quantized with an importance matrix
 that qimatrix computes from the F16 over the calibration slice (disjoint from the evaluation slice). Writes into --out: the .qf files, `results.json`, `quality.md` (the table, also printed) and
 `kld_vs_bpw.png` (needs matplotlib, an optional benchmark dependency: `pip install matplotlib`; without it the
 plot is skipped). Not part of the test suite. At the defaults (6 chunks of 512, qbench pp256/tg16 x2) the 16
@@ -38,6 +43,11 @@ CAVEAT = {
             "dequantized; re-quantizing to Q4_1 reproduces it almost exactly, which makes Q4_1's KLD ~0 and "
             "not comparable with the other types' (which pay for both roundings), and Q5_1's 31-step grid beats "
             "against the 15-step one (worse than Q5_0). (2) " + FALLBACKS),
+    "widened": ("Notes: (1) the reference is SmolLM2 (dequantized from its Q4_1 GGUF) with its residual stream "
+                "widened from 576 to 768 and randomly rotated (qf.eval.widen, seed 0): the same function (see the "
+                f"'{UNROTATED}' row, the original scored against it), weights on no quantization grid, an untied "
+                "lm_head. q/k/v/gate/up, token_embd and lm_head read 768 (256-aligned), ffn_down 1536; "
+                "attn_output still reads 576 (9 heads x 64) and takes llama.cpp's fallbacks."),
     "rotated": ("Notes: (1) the reference is SmolLM2 (dequantized from its Q4_1 GGUF) with its residual stream "
                 "rotated by a random orthogonal matrix (qf.eval.rotate, seed 0): the same function (see the "
                 f"'{UNROTATED}' row, scored against it) with weights on no quantization grid, and an untied "
@@ -66,14 +76,17 @@ def run_child(cmd: list[str], log: Path) -> tuple[int, float, int]:
 
 
 def export_reference(out: Path, reference: str) -> tuple[Path, Path, float]:
-    """SmolLM2 GGUF -> HF folder (f32 weights), rotated unless reference is 'raw'; (hf, raw hf, seconds)."""
+    """SmolLM2 GGUF -> HF folder (f32 weights), rotated or widened unless reference is 'raw'; (hf, raw hf, s)."""
     from qf.convert.export import export_hf
     from qf.eval.rotate import rotate_checkpoint
+    from qf.eval.widen import widen_checkpoint
     from qf.tools.fetch import fetch_model
     t0 = time.perf_counter()
     raw = export_hf(fetch_model(), out / "hf-raw", dtype="float32", overwrite=True)
-    hf = raw if reference == "raw" else rotate_checkpoint(raw, out / "hf-rotated", seed=0, overwrite=True)
-    return hf, raw, time.perf_counter() - t0
+    make = {"raw": lambda: raw,
+            "rotated": lambda: rotate_checkpoint(raw, out / "hf-rotated", seed=0, overwrite=True),
+            "widened": lambda: widen_checkpoint(raw, out / "hf-widened", width=768, seed=0, overwrite=True)}
+    return make[reference](), raw, time.perf_counter() - t0
 
 
 def make_imatrix(out: Path, args: argparse.Namespace) -> Path:
@@ -89,13 +102,14 @@ def make_imatrix(out: Path, args: argparse.Namespace) -> Path:
 
 
 def convert_all(hf: Path, out: Path, types: list[str], raw: Path | None,
-                imatrix: tuple[Path, list[str]] | None = None) -> dict[str, dict]:
-    """Convert to each type in-process (raw to F16 as UNROTATED, and `T+imatrix` rows); size, bits/weight,
-    convert seconds."""
+                imatrix: tuple[Path, list[str]] | None = None, every: Path | None = None) -> dict[str, dict]:
+    """Convert to each type in-process (raw to F16 as UNROTATED, and `T+imatrix` rows; with `every`, each of
+    `types` with that importance matrix); size, bits/weight, convert seconds."""
     from qf.convert.pipeline import convert
     from qf.quant.imatrix import load_imatrix
     rows = {}
-    jobs = [(t, hf, t, None) for t in types] + ([(UNROTATED, raw, REFERENCE, None)] if raw is not None else [])
+    imx_all = None if every is None else load_imatrix(every)
+    jobs = [(t, hf, t, imx_all) for t in types] + ([(UNROTATED, raw, REFERENCE, None)] if raw is not None else [])
     if imatrix is not None:
         jobs += [(f"{t}+imatrix", hf, t, load_imatrix(imatrix[0])) for t in imatrix[1]]
     for t, src, qtype, imx in jobs:
@@ -166,6 +180,9 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
                      f"{_num(r['rss'] / 2**20, '.0f')} | "
                      f"{_type_counts(r['types'])} |")
     lines += ["", CAVEAT[args.reference]]
+    if args.imatrix_all:
+        lines += ["", f"Every quantized type used the qimatrix importance matrix ({args.imatrix_chunks} chunks of "
+                      f"{args.ctx} from the calibration slice)."]
     return "\n".join(lines) + "\n"
 
 
@@ -209,7 +226,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--decode", type=int, default=16, help="qbench generated tokens (tgN)")
     ap.add_argument("--reps", type=int, default=2, help="qbench repetitions (median)")
     ap.add_argument("--reference", choices=sorted(CAVEAT), default="rotated",
-                    help="rotated (default): the SmolLM2 weights rotated off their Q4_1 grid; raw: as dequantized")
+                    help="rotated (default): the SmolLM2 weights rotated off their Q4_1 grid; raw: as dequantized; "
+                         "widened: residual stream widened to 768 and rotated (256-aligned rows)")
+    ap.add_argument("--imatrix-all", action="store_true",
+                    help="convert every quantized type with the importance matrix (needed by the IQ1/IQ2 mixes)")
     ap.add_argument("--no-speed", dest="speed", action="store_false", help="skip the qbench timing")
     ap.add_argument("--imatrix-types", default="",
                     help="comma-separated types to convert again with an importance matrix (qimatrix on the F16 "
@@ -247,10 +267,11 @@ def main() -> None:
     text = write_slice("evaluation", out / "eval.txt")
     hf, raw, export_s = export_reference(out, args.reference)
     print(f"exported HF folder in {export_s:.1f} s; types: {', '.join(types)}", file=sys.stderr)
-    conv = convert_all(hf, out, types, None if args.reference == "raw" else raw)
+    conv = convert_all(hf, out, [REFERENCE], None if args.reference == "raw" else raw)
     imx_types = [t.strip().upper() for t in args.imatrix_types.split(",") if t.strip()]
-    if imx_types:
-        conv |= convert_all(hf, out, [], None, (make_imatrix(out, args), imx_types))
+    imx = make_imatrix(out, args) if imx_types or args.imatrix_all else None
+    conv |= convert_all(hf, out, types[1:], None, (imx, imx_types) if imx_types else None,
+                        imx if args.imatrix_all else None)
     rows = []
     for t in conv:
         model = Path(conv[t]["path"])
