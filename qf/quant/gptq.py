@@ -13,11 +13,12 @@ rounds single columns onto that grid. Integer groups (GPTQ/AWQ payloads) and ggm
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-import scipy.linalg
+from numba import njit, prange
 
 from qf.format.errors import QFError
 
@@ -28,15 +29,47 @@ ROWS_PER_GRAM = 8192  # rows of X per f32 product when accumulating X^T X
 
 
 class Grid(Protocol):
-    """A rounding grid over groups of columns (in the order GPTQ visits them)."""
+    """A rounding grid over groups of columns (in the order GPTQ visits them): value = a * code + b per (row,
+    column), codes clipped to [lo, hi]; where a == 0 the code `keep` is used."""
 
     group: int  # columns per parameter group (-1: the whole row)
+    lo: int
+    hi: int
 
     def fit(self, w: np.ndarray, cols: np.ndarray, importance: np.ndarray) -> None:
         """Choose the parameters of the group made of original columns `cols` from w f32 [rows, len(cols)]."""
 
-    def round(self, w: np.ndarray, col: int) -> np.ndarray:
-        """Column `col` (original index) w f32 [rows] -> its value on the grid f32 [rows] (codes recorded)."""
+    def params(self, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(a, b) f32 [rows, len(cols)] and keep int32 [rows, len(cols)] of fitted columns."""
+
+    def record(self, cols: np.ndarray, codes: np.ndarray) -> None:
+        """The chosen codes int32 [rows, len(cols)] of columns cols."""
+
+    def values(self) -> np.ndarray:
+        """The recorded codes as weights (the stored form's exact values), f32 [rows, n_in]."""
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _columns(w1, u, a, b, keep, lo, hi, i0, codes, err):  # pragma: no cover - compiled
+    """GPTQ over block columns i0 .. i0 + a.shape[1] - 1, each row on its own (rows are independent): round
+    column i on its grid, err = (w - q) / u[i, i], w1[:, i+1:] -= err * u[i, i+1:]. w1, err: [rows, block]."""
+    rows, nb = w1.shape
+    n = a.shape[1]
+    for r in prange(rows):
+        for c in range(n):
+            i = i0 + c
+            wv = w1[r, i]
+            ar = a[r, c]
+            if ar != 0.0:
+                k = np.rint((wv - b[r, c]) / ar)
+                k = min(max(k, lo), hi)
+            else:
+                k = keep[r, c]
+            codes[r, c] = np.int32(k)
+            e = (wv - (ar * k + b[r, c])) / u[i, i]
+            err[r, i] = e
+            for m in range(i + 1, nb):
+                w1[r, m] -= e * u[i, m]
 
 
 def gram(x: np.ndarray, h: np.ndarray | None = None) -> np.ndarray:
@@ -56,17 +89,35 @@ def hessian(x: np.ndarray) -> np.ndarray:
     return gram(x) * (2.0 / x.shape[0])
 
 
+def _blas_single_thread():
+    """A context in which BLAS/LAPACK run on one thread (threadpoolctl, when installed): the small factorizations
+    here gain nothing from threads, and OpenBLAS's waiting threads cost seconds on a busy machine."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
 def _inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
-    """Upper U with U^T U = (H + damp * mean(diag) I)^-1, f64; damping grows until H is positive definite."""
+    """Upper U with U^T U = (H + damp * mean(diag) I)^-1 in H's dtype (f32 as GPTQ's reference implementation);
+    damping grows until H is positive definite.
+
+    With J the reversal, J H J = M M^T (M lower) gives H = R R^T with R = J M J upper, so H^-1 = R^-T R^-1
+    and U = R^-1: one Cholesky and one triangular inverse."""
     mean_diag = float(np.mean(np.diag(h)))
     lam = damp * (mean_diag if mean_diag > 0 else 1.0)
-    eye = np.eye(h.shape[0])
-    for _ in range(MAX_DAMP_TRIES):
-        try:
-            lo = np.linalg.cholesky(h + lam * eye)  # H = L L^T
-            lo_inv = scipy.linalg.solve_triangular(lo, eye, lower=True)  # L^-1
-            return np.linalg.cholesky(lo_inv.T @ lo_inv).T  # H^-1 = L^-T L^-1 = U^T U
-        except np.linalg.LinAlgError:
+    n = h.shape[0]
+    with _blas_single_thread():
+        for _ in range(MAX_DAMP_TRIES):
+            try:
+                hd = h + np.float32(lam) * np.eye(n, dtype=h.dtype)
+                m = np.linalg.cholesky(hd[::-1, ::-1])  # J H J = M M^T
+                u = np.triu(np.linalg.inv(m)[::-1, ::-1])  # R^-1 = J M^-1 J, upper
+                if np.isfinite(u).all() and (np.diag(u) > 0).all():
+                    return u
+            except np.linalg.LinAlgError:
+                pass
             lam *= 10.0
     raise QFError(f"GPTQ: the Hessian stays singular after damping up to {lam:.3g}")
 
@@ -75,9 +126,9 @@ def _inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
 class GPTQResult:
     """The quantized weight (on the grid, original column order), the column order used, and the error."""
 
-    q: np.ndarray  # f32 [rows, n_in]
+    q: np.ndarray  # f32 [rows, n_in]: the grid's exact values of the chosen codes
     perm: np.ndarray  # int64 [n_in]: processing order (identity without act-order)
-    loss: float  # sum over rows of (w - q) H (w - q)^T / 2, GPTQ's proxy for the output error
+    loss: float  # GPTQ's summed column losses: (w - q) H (w - q)^T / 2 over rows, H damped
     energy: float  # the same for q = 0 (the output's own size): loss / energy is the relative error
 
     @property
@@ -113,36 +164,38 @@ def gptq(w: np.ndarray, h: np.ndarray, grid: Grid, block: int = DEFAULT_BLOCK, d
             cols = np.arange(c0, min(n, c0 + g))
             grid.fit(w[:, cols], cols, importance[cols])
     perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(n)
-    w, hp = w[:, perm], h[np.ix_(perm, perm)]
-    u = _inverse_cholesky(hp, damp).astype(np.float32)  # u: [n, n] upper
-    q = np.zeros_like(w)
+    w, hp = w[:, perm], h.astype(np.float32)[np.ix_(perm, perm)]
+    u = _inverse_cholesky(hp, damp)  # u: f32 [n, n] upper
+    loss = 0.0
     fit_inline = grid.group > 0 and not static_groups
     if fit_inline:
         block = g * max(1, -(-block // g))  # whole groups per block: a group is fitted on up-to-date columns
     for b0 in range(0, n, block):
         b1 = min(n, b0 + block)
-        w1 = w[:, b0:b1].copy()  # w1: [rows, b1 - b0], the block's columns, updated column by column
+        w1 = np.ascontiguousarray(w[:, b0:b1])  # w1: [rows, b1 - b0], the block's columns, updated as they go
         err = np.zeros_like(w1)
-        for i in range(b1 - b0):
-            j = b0 + i
-            if fit_inline and j % g == 0:
-                cols = np.arange(j, min(n, j + g))
-                grid.fit(w1[:, i:i + len(cols)], perm[cols], importance[perm[cols]])
-            qc = grid.round(w1[:, i], int(perm[j]))
-            q[:, j] = qc
-            e = (w1[:, i] - qc) / u[j, j]
-            w1[:, i + 1:] -= np.outer(e, u[j, j + 1:b1])
-            err[:, i] = e
+        ub = np.ascontiguousarray(u[b0:b1, b0:b1])
+        step = g if fit_inline else b1 - b0
+        for s0 in range(0, b1 - b0, step):  # segments: one fitted group (inline) or the whole block
+            s1 = min(b1 - b0, s0 + step)
+            cols = perm[b0 + s0:b0 + s1]
+            if fit_inline:
+                grid.fit(w1[:, s0:s1], cols, importance[cols])
+            a, bb, keep = grid.params(cols)
+            codes = np.empty((rows, s1 - s0), np.int32)
+            _columns(w1, ub, np.ascontiguousarray(a, np.float32), np.ascontiguousarray(bb, np.float32),
+                     np.ascontiguousarray(keep, np.int32), float(grid.lo), float(grid.hi), s0, codes, err)
+            grid.record(cols, codes)
         w[:, b1:] -= err @ u[b0:b1, b1:]
-    inv = np.argsort(perm)
-    qo = q[:, inv]
-    return GPTQResult(qo, perm, output_loss(w0, qo, h0), output_loss(w0, np.zeros_like(qo), h0))
+        loss += float(np.square(err, dtype=np.float64).sum()) / 2.0  # each column's OBS loss: e^2 / 2
+    q = grid.values()
+    return GPTQResult(q, perm, loss, output_loss(w0, np.zeros_like(q), h0))
 
 
 def output_loss(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> float:
     """sum_rows (w - q) H (w - q)^T / 2 (H = 2/T X^T X: the mean squared output error, summed over rows)."""
-    d = np.asarray(w, np.float64) - q  # d: [rows, n_in]
-    return float(((d @ h) * d).sum() / 2.0)
+    d = np.asarray(w, np.float32) - q  # d: [rows, n_in]
+    return float(((d @ h.astype(np.float32)) * d).sum(dtype=np.float64) / 2.0)
 
 
 def rtn(w: np.ndarray, grid: Grid, importance: np.ndarray | None = None) -> np.ndarray:
@@ -151,10 +204,11 @@ def rtn(w: np.ndarray, grid: Grid, importance: np.ndarray | None = None) -> np.n
     n = w.shape[1]
     imp = np.ones(n, np.float32) if importance is None else np.asarray(importance, np.float32)
     g = n if grid.group <= 0 else grid.group
-    q = np.empty_like(w)
     for c0 in range(0, n, g):
         cols = np.arange(c0, min(n, c0 + g))
         grid.fit(w[:, cols], cols, imp[cols])
-        for c in cols:
-            q[:, c] = grid.round(w[:, c], int(c))
-    return q
+        a, b, keep = grid.params(cols)
+        live = a != 0
+        k = np.clip(np.rint((w[:, cols] - b) / np.where(live, a, 1.0)), grid.lo, grid.hi)
+        grid.record(cols, np.where(live, k, keep).astype(np.int32))
+    return grid.values()

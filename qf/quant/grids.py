@@ -31,6 +31,7 @@ class IntGrid:
     def __init__(self, rows: int, n_in: int, bits: int, group: int, sym: bool) -> None:
         self.bits, self.group, self.sym = bits, group, sym
         self.maxq = (1 << bits) - 1
+        self.lo, self.hi = 0, self.maxq
         n_groups = 1 if group <= 0 else -(-n_in // group)
         self.codes = np.zeros((rows, n_in), np.uint8)
         self.scale = np.ones((rows, n_groups), np.float32)
@@ -53,13 +54,19 @@ class IntGrid:
         self.scale[:, gid], self.zero[:, gid] = s, z
         self.g_idx[cols] = gid
 
-    def round(self, w: np.ndarray, col: int) -> np.ndarray:
-        """Column col onto its group's grid; its codes are recorded."""
-        gid = self.g_idx[col]
+    def params(self, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """value = a * code + b: a = scale, b = -scale * zero of each column's group; keep = zero (unused)."""
+        gid = self.g_idx[cols]
         s, z = self.scale[:, gid], self.zero[:, gid]
-        q = np.clip(np.rint(w / s) + z, 0, self.maxq)
-        self.codes[:, col] = q
-        return (s * (q - z)).astype(np.float32)
+        return s, -s * z, z
+
+    def record(self, cols: np.ndarray, codes: np.ndarray) -> None:
+        """Codes of columns cols."""
+        self.codes[:, cols] = codes
+
+    def values(self) -> np.ndarray:
+        """scale * (code - zero), f32 [rows, n_in]."""
+        return self.dequantize()
 
     @property
     def has_g_idx(self) -> bool:
@@ -145,15 +152,23 @@ class GgmlGrid:
             orig = orig.astype(np.uint8).view(np.int8).astype(np.int32)
         self.blocks[c0] = _Block(fields, a, b, orig)
 
-    def round(self, w: np.ndarray, col: int) -> np.ndarray:
-        """Column col onto its block's fixed scales (a zero scale keeps the quantizer's own code)."""
-        blk = self.blocks[col - col % self.group]
-        k = col % self.group
-        a, b = blk.a[:, k], blk.b[:, k]
-        live = a != 0
-        q = np.where(live, np.clip(np.rint((w - b) / np.where(live, a, 1.0)), self.lo, self.hi), blk.codes[:, k])
-        blk.codes[:, k] = q
-        return (a * q + b).astype(np.float32)
+    def params(self, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The fitted blocks' affine maps and the quantizer's own codes (used where a block's scale is 0)."""
+        starts = cols - cols % self.group
+        out = [(self.blocks[int(c0)].a[:, c - c0], self.blocks[int(c0)].b[:, c - c0], self.blocks[int(c0)].codes[:, c - c0])
+               for c0, c in ((int(c0), cols[starts == c0]) for c0 in dict.fromkeys(starts.tolist()))]
+        return tuple(np.concatenate(parts, axis=1) for parts in zip(*out))  # type: ignore[return-value]
+
+    def record(self, cols: np.ndarray, codes: np.ndarray) -> None:
+        """Codes of columns cols."""
+        starts = cols - cols % self.group
+        for c0 in dict.fromkeys(starts.tolist()):
+            sel = starts == c0
+            self.blocks[c0].codes[:, cols[sel] - c0] = codes[:, sel]
+
+    def values(self) -> np.ndarray:
+        """The packed blocks dequantized by the type's layout, f32 [rows, n_in]."""
+        return self.codec.dequantize(self.tensor()).reshape(self.rows, -1)
 
     def tensor(self) -> np.ndarray:
         """The weight as rows of the type: u8 [rows, n_in / block * type_size]."""
