@@ -132,7 +132,7 @@ def test_chat_jsonl_calibration(tiny_checkpoint, tmp_path: Path) -> None:
 
 def test_gptq_over_k_quants_decodes_with_gguf(tiny_checkpoint, tmp_path: Path, calib_file: Path) -> None:
     d = tiny_checkpoint(config={"hidden_size": 256, "intermediate_size": 256, "num_attention_heads": 4,
-                                "num_key_value_heads": 2}, seed=3)
+                                "num_key_value_heads": 2}, seed=3, tied=False)
     ref, out = tmp_path / "f32.qf", tmp_path / "q4km-gptq.qf"
     convert(d, ref, "F32")
     r = CliRunner().invoke(qconvert, [str(d), str(out), "--type", "Q4_K_M", "--method", "gptq", "--calib",

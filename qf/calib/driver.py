@@ -16,7 +16,7 @@ import numpy as np
 from qf.calib.data import CalibOptions, check_options, read_documents, sample_windows, tokenize
 from qf.calib.layer import Layer
 from qf.calib.model import CalibModel, calibration_batch
-from qf.convert.pipeline import check_plan, encode_tensor, input_files, plan_conversion
+from qf.convert.pipeline import UNWEIGHTED, check_plan, encode_tensor, input_files, plan_conversion
 from qf.format.errors import ConvertError, QFError
 from qf.format.output_guard import refuse_input_as_output
 from qf.format.values import GGUFValueType as V
@@ -28,6 +28,7 @@ from qf.quant.mixes import file_type
 from qf.quant.tensor_plan import ConvertSummary, PlannedTensor, Progress, summarize, write_tensors
 
 Log = Callable[[str], None]
+HEAD = "output.weight"  # the untied output head: weighted by the calibration's final activations
 
 
 def _stderr(line: str) -> None:
@@ -113,6 +114,16 @@ class Runner:
             err = (f", rel. output error mean {np.mean(list(st.errors.values())):.4f}, worst {worst} "
                    f"{st.errors[worst]:.4f}")
         self.log(f"{self.spec.name}: layer {done}/{n} in {st.seconds:.1f} s, ETA {eta:.0f} s{err}")
+
+    def head_importance(self) -> np.ndarray | None:
+        """Mean square per input of the output head over the calibration rows (after every block and the final
+        norm): what an importance matrix holds for output.weight. None without calibration rows."""
+        if self.forward is None:
+            return None
+        self.layer(self.model.hp.n_layer - 1)
+        f = self.forward
+        h = f.head_be.rms_norm(self.x, f.output_norm, self.model.hp.rms_eps)  # h: [T, n_embd]
+        return np.mean(np.square(h, dtype=np.float64), axis=0).astype(np.float32)
 
     def stored(self, info: LinearInfo) -> Any:
         """The emitted form of a linear."""
@@ -213,6 +224,8 @@ def convert_calibrated(model_dir: str | Path, out_path: str | Path, spec: TypeSp
                     role = next((r for r, n in model.layer_names(layer).items() if n == t.name), None)
                     if role in cur.changed:
                         return get_codec(t.type).quantize(cur.weights[role].reshape(1, -1))
+                elif t.name == HEAD and spec.calibrated and t.type not in UNWEIGHTED and t.importance is None:
+                    t = replace(t, importance=runner_ref[0].head_importance())  # as an imatrix would weight it
                 return encode_tensor(ckpt, t)
             finally:
                 if t.source is not None:

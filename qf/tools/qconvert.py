@@ -139,6 +139,8 @@ def main(model_dir: Path, out: Path, qtype: str, method: str | None, calib_file:
         spec = get_spec(qtype or "Q8_0", method) if (method or (qtype or "").upper() in type_specs()) else None
         if spec is None and calib_file is not None:
             raise QFError("--calib applies to calibrated types (GPTQ-..., or --type MIX --method gptq)")
+        if spec is not None and not spec.calibrated and calib_file is not None:
+            raise QFError(f"--type {spec.name} does not calibrate; --calib applies to GPTQ-... types and --method")
         if spec is not None and imatrix_file:
             raise QFError(f"--imatrix does not apply to --type {spec.name} (it calibrates with --calib)")
     except QFError as e:
