@@ -51,10 +51,11 @@ from dataclasses import dataclass, replace
 from fractions import Fraction
 
 from qf.format.errors import ModelError, PlanError
-from qf.format.ggml_types import block_size
+from qf.format.ggml_types import GGMLType, block_size
 from qf.format.hparams import hparams_from_metadata
-from qf.format.model_check import architecture
+from qf.format.model_check import TensorDecl, architecture
 from qf.format.reader import GGUFFile, TensorInfo, open_gguf
+from qf.quant.formats.base import fold_payloads, payload_entries
 from qf.runtime.devices import Device, cuda_devices, free_ram
 from qf.runtime.kv_cache import DEFAULT_KV_TYPE, KV_TYPES, KVSpec
 
@@ -155,9 +156,11 @@ class TensorGroup:
 
     nbytes: int = 0
     max_dequant_elems: int = 0
+    payload_nbytes: int = 0  # the part of nbytes held by payload members (qf.quant.formats), in nbytes too
 
     def __add__(self, other: TensorGroup) -> TensorGroup:
-        return TensorGroup(self.nbytes + other.nbytes, max(self.max_dequant_elems, other.max_dequant_elems))
+        return TensorGroup(self.nbytes + other.nbytes, max(self.max_dequant_elems, other.max_dequant_elems),
+                           self.payload_nbytes + other.payload_nbytes)
 
 
 @dataclass(frozen=True)
@@ -207,6 +210,17 @@ def _tensor_group(ti: TensorInfo) -> TensorGroup:
     return TensorGroup(int(ti.nbytes), elems if block_size(ti.type) > 1 else 0)
 
 
+def _payload_members(f: GGUFFile, where: str) -> dict[str, int]:
+    """Member tensor name -> elements of the payload weight it belongs to, for every payload of the file (the
+    table folded and checked as the runtime loads it)."""
+    entries = payload_entries(f.meta, where)
+    if not entries:
+        return {}
+    table = {n: TensorDecl(tuple(int(x) for x in ti.ne), GGMLType(int(ti.type))) for n, ti in f.tensors.items()}
+    _, payloads = fold_payloads(f.meta, table, where)
+    return {full: pd.n_in * pd.n_out for pd in payloads.values() for full in pd.members.values()}
+
+
 def _read_hparams(f: GGUFFile, path: str, n_vocab: int) -> dict[str, int | str]:
     """The hyperparameters the planner uses, read by the shared validated reader (qf.format.hparams) that the
     runtime loads with; n_vocab (the head's rows) stands in when the file names no vocabulary."""
@@ -235,8 +249,11 @@ def sizes_from_gguf(f: GGUFFile, path: str | os.PathLike | None = None) -> Model
     experts = [TensorGroup()] * n_layer
     expert_names: list[list[str]] = [[] for _ in range(n_layer)]
     token_embd = output = other = TensorGroup()
+    members = _payload_members(f, where)
     for name, ti in f.tensors.items():
         g = _tensor_group(ti)
+        if name in members:  # a payload member: its weight is dequantized in tiles like a quantized tensor
+            g = TensorGroup(g.nbytes, members[name], g.nbytes)
         m = _LAYER_RE.match(name)
         if m:
             il = int(m[1])
