@@ -10,6 +10,7 @@ records the quantize.imatrix.* keys, as llama-quantize does.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 
@@ -42,6 +43,21 @@ def _tensor_types(ctx: click.Context, param: click.Parameter, values: tuple[str,
         raise click.BadParameter(str(e)) from None
 
 
+def _refuse_payloads(src: Path) -> None:
+    """QFError when src holds native payloads (GPTQ/AWQ/FP8 weights): requantizing works on ggml tensors only."""
+    from qf.format.reader import open_gguf
+    from qf.quant.formats.base import payload_entries
+
+    with open_gguf(src) as f:
+        entries = payload_entries(f.meta, str(src))
+    if entries:
+        name, scheme = entries[0]
+        raise QFError(f"{src} holds {len(entries)} native payload weights (e.g. {name}: {scheme}); qquantize "
+                      "requantizes ggml tensors only. Convert the unquantized checkpoint with `qconvert --type`, "
+                      "or convert the quantized one without --keep-payload (symmetric 4/8-bit payloads become "
+                      "Q4_0/Q8_0 exactly where every weight allows it)")
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("src", metavar="IN", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("out", metavar="OUT", type=click.Path(dir_okay=False, path_type=Path))
@@ -63,6 +79,11 @@ def main(src: Path, out: Path, qtype: str, allow_requantize: bool, pure: bool, t
     from qf.quant.imatrix import load_imatrix
     from qf.quant.requantize import RequantizeWarning, requantize  # late: keeps --help fast
 
+    try:
+        _refuse_payloads(src)
+    except QFError as e:  # as write_with_progress reports errors: one line, exit 2
+        click.echo(f"qquantize: error: {e}", err=True)
+        sys.exit(2)
     overrides = Overrides(pure=pure, tensor_types=tensor_types, output_type=output_tensor_type,
                           token_embd_type=token_embedding_type)
     with warnings.catch_warnings(record=True) as caught:
