@@ -78,6 +78,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--chunks", type=int, default=6)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--imatrix-chunks", type=int, default=32)
+    p.add_argument("--resume", action="store_true", help="reuse the F16 score, imatrix and rows of results.json")
     p.add_argument("--rows", default=",".join(r for pair in PAIRS for r in pair),
                    help="comma-separated rows to run besides F16")
     return p.parse_args()
@@ -97,21 +98,35 @@ def main() -> None:
         hf, _, secs = bq.export_reference(args.out, "rotated")
         print(f"reference exported in {secs:.1f} s", file=sys.stderr)
     want = [r for r in args.rows.split(",") if r]
-    f16 = bq.convert_all(hf, args.out, [bq.REFERENCE], None)[bq.REFERENCE]
-    f16.update(path=Path(f16["path"]), convert_rss=0, **bq.score(Path(f16["path"]), bq.REFERENCE, args.out, args, text))
+    saved = json.loads((args.out / "results.json").read_text()) if args.resume and (args.out / "results.json"
+                                                                                     ).is_file() else {}
+    if bq.REFERENCE in saved:
+        f16 = saved[bq.REFERENCE]
+    else:
+        f16 = bq.convert_all(hf, args.out, [bq.REFERENCE], None)[bq.REFERENCE]
+        f16.update(convert_rss=0, **bq.score(Path(f16["path"]), bq.REFERENCE, args.out, args, text))
     rows = {bq.REFERENCE: f16}
-    imatrix = bq.make_imatrix(args.out, args) if any(r.endswith("+imatrix") for r in want) else None
+    imx = args.out / "imatrix.gguf"
+    need_imatrix = any(r.endswith("+imatrix") and r not in saved for r in want)
+    imatrix = (imx if args.resume and imx.is_file() else bq.make_imatrix(args.out, args)) if need_imatrix else None
     for row in want:
+        if row in saved:
+            rows[row] = saved[row]
+            continue
         r = convert(hf, args.out, row, args, calib, imatrix)
         r.update(bq.score(r["path"], row, args.out, args, text))
         rows[row] = r
+        _save(args.out, rows)
         print(table(rows, args), file=sys.stderr)
     out = table(rows, args)
     print(out)
     (args.out / "gptq.md").write_text(out)
-    (args.out / "results.json").write_text(json.dumps({k: {kk: (str(vv) if isinstance(vv, Path) else vv)
-                                                           for kk, vv in v.items()} for k, v in rows.items()},
-                                                      indent=1, default=str))
+    _save(args.out, rows)
+
+
+def _save(out: Path, rows: dict[str, dict]) -> None:
+    """results.json: every row measured so far (--resume reuses them)."""
+    (out / "results.json").write_text(json.dumps(rows, indent=1, default=str))
 
 
 if __name__ == "__main__":

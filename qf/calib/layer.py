@@ -62,6 +62,10 @@ class _CaptureBackend:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._cpu, name)
 
+    def linears(self, ws: Any, x: np.ndarray, biases: Any, exact_rows: bool = False) -> list[np.ndarray]:
+        """Several linears of the same rows (q/k/v, gate/up), one `linear` each."""
+        return [self.linear(w, x, b, exact_rows) for w, b in zip(ws, biases)]
+
     def linear(self, w: Any, x: np.ndarray, bias: np.ndarray | None = None, exact_rows: bool = False) -> np.ndarray:
         """x [T, n_in] @ W^T (+ bias) with the role's current weight."""
         role = w.role
