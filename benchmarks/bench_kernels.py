@@ -13,6 +13,13 @@ on every call (what a runtime without fused kernels does), "np f32" multiplies p
 (BLAS; 4 bytes per weight). Timings are the fastest single call of many; on a shared machine compare ratios.
 `--compile` also times the first call of one type's kernels with a cold and with a warm numba cache
 (each in a fresh interpreter, the cold one with an empty NUMBA_CACHE_DIR).
+
+`--paired BASE` (e.g. Q4_K) instead times matvec of each type against BASE in interleaved rounds on the same
+shapes (256-aligned), with weights of random valid bytes (normal f16 scales; no quantizer needed, so the
+IQ types that need an importance matrix are covered) and prints the median per-round speed ratio
+(BASE time / type time: >= 1 means the type decodes a matrix at least as fast as BASE):
+
+    python benchmarks/bench_kernels.py --paired Q4_K --types IQ4_XS IQ3_S IQ2_XS --rounds 7
 """
 
 from __future__ import annotations
@@ -118,6 +125,36 @@ def bench_matmul(types, rng) -> None:
                       f"{tt / ti:11.2f} {tf / tt:7.2f}")
 
 
+def random_weight(t, n_out: int, n_in: int, rng: np.random.Generator) -> np.ndarray:
+    """Packed rows u8 [n_out, row_bytes] of random valid bytes with normal f16 scales (no NaN, no subnormals)."""
+    from qf.runtime.kernels.torch_dequant import random_packed
+
+    return random_packed(t, n_out, n_in, rng)
+
+
+def bench_paired(base, types, rng, rounds: int) -> None:
+    """Table: matvec us per type and shape, and the median over interleaved rounds of t(base) / t(type)."""
+    from qf.runtime.kernels import cpu
+
+    print(f"\nmatvec (decode) paired with {base.name}, {cpu.get_threads()} threads, {rounds} interleaved rounds; "
+          f"ratio = {base.name} time / type time (median of rounds)")
+    print(f"{'type':8} {'n_out x n_in':>12} {'MB':>6} {'us':>8} {'GB/s':>6} {base.name + ' us':>9} {'ratio':>6}")
+    for n_out, n_in in ((576, 1536), (1536, 768), (49152, 768)):
+        x = rng.standard_normal(n_in).astype(np.float32)
+        mats = {t: cpu.QMatrix(t, random_weight(t, n_out, n_in, rng), n_in, n_out) for t in [base, *types]}
+        out = np.empty(n_out, np.float32)
+        times: dict = {t: [] for t in mats}
+        for _ in range(rounds):
+            for t, w in mats.items():
+                times[t].append(best_time(lambda: cpu.matvec(w, x, out), budget=0.05))
+        tb = np.array(times[base])
+        for t in types:
+            tt = np.array(times[t])
+            nbytes = mats[t].data.nbytes
+            print(f"{t.name:8} {f'{n_out}x{n_in}':>12} {nbytes / 1e6:6.2f} {np.median(tt) * 1e6:8.1f} "
+                  f"{nbytes / np.median(tt) / 1e9:6.2f} {np.median(tb) * 1e6:9.1f} {np.median(tb / tt):6.2f}")
+
+
 _FIRST_CALL = """
 import time, numpy as np
 t0 = time.perf_counter()
@@ -153,12 +190,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--types", nargs="*", help="ggml type names (default: all supported)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-matmul", action="store_true", help="skip the prefill table")
+    ap.add_argument("--paired", metavar="BASE", help="only the interleaved matvec table against BASE (e.g. Q4_K)")
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds of --paired")
     ap.add_argument("--compile", metavar="TYPE", nargs="?", const="Q4_0",
                     help="also time cold/warm-cache first calls for TYPE (default Q4_0)")
     a = ap.parse_args(argv)
     types = [GGMLType[n] for n in a.types] if a.types else cpu.supported_types()
     cpu.set_threads(a.threads)
     rng = np.random.default_rng(0)
+    if a.paired:
+        bench_paired(GGMLType[a.paired], [t for t in types if t != GGMLType[a.paired]], rng, a.rounds)
+        return
     bench_matvec(types, rng)
     if not a.no_matmul:
         bench_matmul(types, rng)

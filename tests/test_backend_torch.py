@@ -97,7 +97,7 @@ def test_dequant_of_quantized_weights(qtype):
     rng = np.random.default_rng(7)
     x = rng.standard_normal((6, 512)).astype(np.float32)
     codec = get_codec(qtype)
-    raw = codec.quantize(x)
+    raw = codec.quantize(x, np.ones(512, np.float32) if codec.strategy.requires_importance else None)
     got = tq.dequantize(tq.pack(qtype, raw, 512, "cpu")).numpy()
     np.testing.assert_array_equal(bits(got), bits(codec.dequantize(raw)))
 
@@ -156,8 +156,8 @@ def test_packed_size_is_about_the_file_size():
 
 def test_pack_rejects_bad_input():
     """Unknown types and rows of the wrong size raise clear errors."""
-    with pytest.raises(NotImplementedError, match="IQ2_XXS"):
-        tq.pack(GGMLType.IQ2_XXS, np.zeros((2, 66), np.uint8), 256, "cpu")
+    with pytest.raises(NotImplementedError, match="TQ2_0"):
+        tq.pack(GGMLType.TQ2_0, np.zeros((2, 66), np.uint8), 256, "cpu")
     with pytest.raises(ValueError, match="bytes per row"):
         tq.pack(GGMLType.Q4_0, np.zeros((2, 17), np.uint8), 32, "cpu")
 
@@ -199,8 +199,8 @@ def test_linear_fp16_weights_stay_close():
 
 def test_matrix_errors_name_the_tensor():
     be = TorchBackend("cpu")
-    bad = TensorRef(name="blk.3.ffn_up.weight", type=GGMLType.IQ2_XXS, ne=(256, 2), data=np.zeros((2, 66), np.uint8))
-    with pytest.raises(ModelError, match=r"blk\.3\.ffn_up\.weight.*IQ2_XXS"):
+    bad = TensorRef(name="blk.3.ffn_up.weight", type=GGMLType.TQ2_0, ne=(256, 2), data=np.zeros((2, 66), np.uint8))
+    with pytest.raises(ModelError, match=r"blk\.3\.ffn_up\.weight.*TQ2_0"):
         be.matrix(bad)
 
 

@@ -26,7 +26,9 @@ F16_FIELDS: dict[GGMLType, tuple[int, ...]] = {
     GGMLType.Q4_0: (0,), GGMLType.Q4_1: (0, 2), GGMLType.Q5_0: (0,), GGMLType.Q5_1: (0, 2),
     GGMLType.Q8_0: (0,), GGMLType.Q2_K: (80, 82), GGMLType.Q3_K: (108,), GGMLType.Q4_K: (0, 2),
     GGMLType.Q5_K: (0, 2), GGMLType.Q6_K: (208,), GGMLType.F16: (0,), GGMLType.BF16: (0,),
-    GGMLType.IQ4_NL: (0,), GGMLType.IQ4_XS: (0,),
+    GGMLType.IQ4_NL: (0,), GGMLType.IQ4_XS: (0,), GGMLType.IQ3_XXS: (0,), GGMLType.IQ3_S: (0,),
+    GGMLType.IQ2_XXS: (0,), GGMLType.IQ2_XS: (0,), GGMLType.IQ2_S: (0,), GGMLType.IQ1_S: (0,),
+    GGMLType.IQ1_M: (54,),  # d's top nibble is the top nibble of the fourth u16 scale (bytes 54-55)
 }
 
 
@@ -38,7 +40,8 @@ def _n_in(t: GGMLType, blocks: int) -> int:
 def _quantized(t: GGMLType, n_out: int, n_in: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(packed u8 [n_out, row_bytes], dequantized f32 [n_out, n_in]) of a random normal weight."""
     codec = get_codec(t)
-    data = codec.quantize((rng.standard_normal((n_out, n_in)) * 0.1).astype(np.float32))
+    imp = np.ones(n_in, np.float32) if codec.strategy.requires_importance else None  # IQ1_S, IQ2_XXS, IQ2_XS
+    data = codec.quantize((rng.standard_normal((n_out, n_in)) * 0.1).astype(np.float32), imp)
     return data, codec.dequantize(data)
 
 
@@ -240,7 +243,7 @@ def test_qmatrix_is_a_read_only_view_of_the_data() -> None:
     ((GGMLType.Q4_0, np.zeros((4, 18), np.uint8), 33, 4), "whole number"),
     ((GGMLType.Q4_0, np.zeros((4, 36), np.uint8)[:, ::2], 32, 4), "contiguous"),
     ((GGMLType.Q4_0, np.zeros((4, 0), np.uint8), 0, 4), "positive"),
-    ((GGMLType.IQ2_XXS, np.zeros((4, 66), np.uint8), 256, 4), "no CPU kernel for IQ2_XXS"),
+    ((GGMLType.TQ2_0, np.zeros((4, 66), np.uint8), 256, 4), "no CPU kernel for TQ2_0"),
     ((99, np.zeros((4, 18), np.uint8), 32, 4), "unknown ggml type"),
 ])
 def test_qmatrix_rejects_bad_arguments(args, match) -> None:

@@ -24,7 +24,7 @@ from qf.format.ggml_types import GGMLType
 PACKAGE = "qf.runtime.kernels"
 
 # Decoder modules (in this package), imported by load(); each registers its types.
-MODULES = ("cpu_float", "cpu_legacy", "cpu_kquants", "cpu_iq", "cpu_idecode")
+MODULES = ("cpu_float", "cpu_legacy", "cpu_kquants", "cpu_iq", "cpu_idecode", "cpu_iq_low")
 
 DECODERS: dict[GGMLType, Any] = {}  # ggml type -> cpu_decoder.Decoder
 INT_DECODERS: dict[GGMLType, Any] = {}  # ggml type -> cpu_idecode.IntDecoder

@@ -66,6 +66,15 @@ FIELDS: dict[GGMLType, tuple[Field, ...]] = {
     GGMLType.Q4_K: (_f16("d", 0), _f16("dmin", 2), _u8("scales", 4, 12), _u8("qs", 16, 128)),
     GGMLType.Q5_K: (_f16("d", 0), _f16("dmin", 2), _u8("scales", 4, 12), _u8("qh", 16, 32), _u8("qs", 48, 128)),
     GGMLType.Q6_K: (_u8("ql", 0, 128), _u8("qh", 128, 64), _i8("scales", 192, 16), _f16("d", 208)),
+    GGMLType.IQ4_NL: (_f16("d", 0), _u8("qs", 2, 16)),
+    GGMLType.IQ4_XS: (_f16("d", 0), _u8("scales_h", 2, 2), _u8("scales_l", 4, 4), _u8("qs", 8, 128)),
+    GGMLType.IQ2_XXS: (_f16("d", 0), _u8("qs", 2, 64)),
+    GGMLType.IQ2_XS: (_f16("d", 0), _u8("qs", 2, 64), _u8("scales", 66, 8)),
+    GGMLType.IQ2_S: (_f16("d", 0), _u8("qs", 2, 32), _u8("signs", 34, 32), _u8("qh", 66, 8), _u8("scales", 74, 8)),
+    GGMLType.IQ3_XXS: (_f16("d", 0), _u8("qs", 2, 64), _u8("sas", 66, 32)),
+    GGMLType.IQ3_S: (_f16("d", 0), _u8("qs", 2, 64), _u8("qh", 66, 8), _u8("signs", 74, 32), _u8("scales", 106, 4)),
+    GGMLType.IQ1_S: (_f16("d", 0), _u8("qs", 2, 32), _u8("qh", 34, 16)),
+    GGMLType.IQ1_M: (_u8("qs", 0, 32), _u8("qh", 32, 16), _u8("scales", 48, 8)),
 }
 
 Fields = dict[str, torch.Tensor]  # field name -> tensor [n_blocks, k, rows]
@@ -216,6 +225,150 @@ def _dq_q6_k(f: Fields, dt: torch.dtype) -> torch.Tensor:
     return _sub_scaled(q, _f32(f["d"]) * _f32(f["scales"]), None, dt)
 
 
+# ------------------------------------------------------------------------------------------ IQ types
+# Grid points and levels come from qf.quant's tables, kept per device. Every index is built from masked bit
+# fields, so it is in range for any bytes. All IQ values are exact in f32 (an f16 times small integers), so
+# any evaluation order gives gguf.quants' values.
+
+_TABLES: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def _table(name: str, device: torch.device) -> torch.Tensor:
+    """An IQ value table on device: int8 [n, width] grid points, or int8 [16] IQ4 levels."""
+    key = (name, str(device))
+    t = _TABLES.get(key)
+    if t is None:
+        from qf.quant import iq1_tables, iq_grids, iq_tables
+
+        src = {"iq4nl": iq_tables.kvalues_iq4nl, "iq1s": iq1_tables.iq1s_grid}.get(name)
+        a = src() if src else getattr(iq_grids, f"{name}_grid")()
+        t = _TABLES[key] = torch.tensor(np.asarray(a).view(np.int8), device=device)
+    return t
+
+
+def _words(q: torch.Tensor, nbytes: int) -> torch.Tensor:
+    """Little-endian unsigned words of nbytes bytes: u8 [nb, k, r] -> int64 [nb, k / nbytes, r]."""
+    w = q.unflatten(1, (-1, nbytes)).to(torch.int64)  # [nb, k / nbytes, nbytes, r]
+    out = w[:, :, 0]
+    for i in range(1, nbytes):
+        out = out | (w[:, :, i] << (8 * i))
+    return out
+
+
+def _grid(name: str, idx: torch.Tensor) -> torch.Tensor:
+    """Grid points of indices idx [nb, G, r] -> int8 [nb, G * width, r] (entry g's values at g * width ..)."""
+    g = _table(name, idx.device)[idx]  # [nb, G, r, width]
+    return g.permute(0, 1, 3, 2).flatten(1, 2)
+
+
+def _signed(v: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """v [nb, 8 k, r] negated where bit j % 8 of signs[:, j // 8] is set; signs: [nb, k, r] bytes."""
+    return torch.where(_bit_lanes(signs.to(torch.uint8)).bool(), -v.to(torch.int16), v.to(torch.int16))
+
+
+def _per(scale: torch.Tensor, n: int, dt: torch.dtype) -> torch.Tensor:
+    """A scale per group [nb, G, r] (f32) repeated for the n values of each group -> [nb, G * n, r] in dt."""
+    return scale.to(dt).repeat_interleave(n, dim=1)
+
+
+def _ksigns(idx: torch.Tensor) -> torch.Tensor:
+    """ggml's ksigns_iq2xs of 7-bit indices: the 7 bits plus an eighth that makes the count of ones even."""
+    par = idx ^ (idx >> 4)
+    par = par ^ (par >> 2)
+    par = (par ^ (par >> 1)) & 1
+    return idx | (par << 7)
+
+
+def _dq_iq4_nl(f: Fields, dt: torch.dtype) -> torch.Tensor:
+    """x = d * kvalues[nibble]."""
+    q = _table("iq4nl", f["qs"].device)[_nibbles32(f["qs"]).long()]
+    return _f32(f["d"]).to(dt) * q.to(dt)
+
+
+def _dq_iq4_xs(f: Fields, dt: torch.dtype) -> torch.Tensor:
+    """8 sub-blocks of 32: x = d * (ls - 32) * kvalues[nibble], ls = 4 low bits | 2 high bits << 4."""
+    nb, _, r = f["qs"].shape
+    lo = _planes(f["scales_l"], 4, dim=2).flatten(1, 2)  # [nb, 8, r]
+    hi = _planes(f["scales_h"], 2, dim=2).flatten(1, 2)  # [nb, 8, r]
+    ls = (lo | (hi << 4)).to(torch.int16) - 32
+    q = _table("iq4nl", f["qs"].device)[_nibbles32(f["qs"].unflatten(1, (8, 16)).flatten(0, 1)).long()]
+    return _sub_scaled(q.reshape(nb, 8, 32, r), _f32(f["d"]) * _f32(ls), None, dt)
+
+
+def _iq2_db(d: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """d * (0.5 + s) * 0.25 in f32."""
+    return _f32(d) * (_f32(s) + 0.5) * 0.25
+
+
+def _dq_iq2_xxs(f: Fields, dt: torch.dtype) -> torch.Tensor:
+    """Per 32: 4 grid bytes, a u32 of 4 sign indices and the scale; x = db * sign * grid."""
+    w = _words(f["qs"], 4)  # [nb, 16, r]: (grid indices, signs + scale) per 32
+    grid = _grid("iq2xxs", f["qs"].unflatten(1, (8, 8))[:, :, :4].flatten(1, 2).long())  # [nb, 256, r]
+    aux = w[:, 1::2]  # [nb, 8, r]
+    signs = _ksigns((aux.unsqueeze(2) >> torch.tensor([0, 7, 14, 21], device=aux.device).view(1, 1, 4, 1)) & 127)
+    v = _signed(grid, signs.flatten(1, 2))
+    return _per(_iq2_db(f["d"], aux >> 28), 32, dt) * v.to(dt)
+
+
+def _dq_iq2_xs(f: Fields, dt: torch.dtype) -> torch.Tensor:
+    """u16 codes: 9-bit grid index, 7-bit sign index; a 4-bit scale per 16."""
+    q = _words(f["qs"], 2)  # [nb, 32, r]
+    v = _signed(_grid("iq2xs", q & 511), _ksigns(q >> 9))
+    sc = _planes(f["scales"], 4, dim=2).flatten(1, 2)  # [nb, 16, r]
+    return _per(_iq2_db(f["d"], sc), 16, dt) * v.to(dt)
+
+
+def _dq_iq2_s(f: Fields, dt: torch.dtype) -> torch.Tensor:
+    """10-bit grid indices (qs | 2 bits of qh), stored signs, a 4-bit scale per 16."""
+    hi = _planes(f["qh"], 2, dim=2).flatten(1, 2).long()  # [nb, 32, r]
+    v = _signed(_grid("iq2s", f["qs"].long() | (hi << 8)), f["signs"])
+    sc = _planes(f["scales"], 4, dim=2).flatten(1, 2)
+    return _per(_iq2_db(f["d"], sc), 16, dt) * v.to(dt)
+
+
+def _dq_iq3_xxs(f: Fields, dt: torch.dtype) -> torch.Tensor:
+    """8 grid bytes (4 values each) per 32, a u32 of 4 sign indices and the scale: db = d (0.5 + s) / 2."""
+    aux = _words(f["sas"], 4)  # [nb, 8, r]
+    signs = _ksigns((aux.unsqueeze(2) >> torch.tensor([0, 7, 14, 21], device=aux.device).view(1, 1, 4, 1)) & 127)
+    v = _signed(_grid("iq3xxs", f["qs"].long()), signs.flatten(1, 2))
+    return _per(_f32(f["d"]) * (_f32(aux >> 28) + 0.5) * 0.5, 32, dt) * v.to(dt)
+
+
+def _dq_iq3_s(f: Fields, dt: torch.dtype) -> torch.Tensor:
+    """9-bit grid indices (qs | bit of qh), stored signs, db = d (1 + 2 s) per 32."""
+    hi = _bit_lanes(f["qh"]).long()  # [nb, 64, r]
+    v = _signed(_grid("iq3s", f["qs"].long() | (hi << 8)), f["signs"])
+    sc = _planes(f["scales"], 4, dim=2).flatten(1, 2)  # [nb, 8, r]
+    return _per(_f32(f["d"]) * _f32(1 + 2 * sc.to(torch.int16)), 32, dt) * v.to(dt)
+
+
+def _iq1_values(qs: torch.Tensor, hi3: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """8 (g + delta) of grid entries qs | hi3 << 8 (neg: delta = -1/8, else +1/8): int16 [nb, 8 k, r]."""
+    g = _grid("iq1s", qs.long() | (hi3.long() << 8)).to(torch.int16) * 8
+    return g + 1 - 2 * neg.to(torch.int16).repeat_interleave(8, dim=1)
+
+
+def _dq_iq1_s(f: Fields, dt: torch.dtype) -> torch.Tensor:
+    """Per 32: x = d (2 s + 1) (g + delta); 11-bit indices (3 bits each from qh), delta's sign in qh's top bit."""
+    qh = _words(f["qh"], 2)  # [nb, 8, r]
+    hi3 = (qh.unsqueeze(2) >> torch.tensor([0, 3, 6, 9], device=qh.device).view(1, 1, 4, 1)) & 7  # [nb, 8, 4, r]
+    v = _iq1_values(f["qs"], hi3.flatten(1, 2), (qh >> 15).repeat_interleave(4, dim=1))
+    dl = _f32(f["d"]) * _f32(2 * ((qh >> 12) & 7) + 1)
+    return _per(dl * 0.125, 32, dt) * v.to(dt)
+
+
+def _dq_iq1_m(f: Fields, dt: torch.dtype) -> torch.Tensor:
+    """Per 16: x = d (2 s + 1) (g + delta); d is the f16 made of the four scales' top nibbles."""
+    sc = _words(f["scales"], 2)  # [nb, 4, r]
+    bits = (sc[:, 0] >> 12) | ((sc[:, 1] >> 8) & 0xF0) | ((sc[:, 2] >> 4) & 0xF00) | (sc[:, 3] & 0xF000)
+    d = bits.to(torch.int16).view(torch.float16).unsqueeze(1)  # [nb, 1, r]
+    s = (sc.unsqueeze(2) >> torch.tensor([0, 3, 6, 9], device=sc.device).view(1, 1, 4, 1)) & 7  # [nb, 4, 4, r]
+    nib = _planes(f["qh"], 4, dim=2).flatten(1, 2)  # [nb, 32, r]: one nibble per grid entry
+    v = _iq1_values(f["qs"], nib & 7, nib >> 3)
+    dl = _f32(d) * _f32(2 * s.flatten(1, 2) + 1)  # [nb, 16, r]
+    return _per(dl * 0.125, 16, dt) * v.to(dt)
+
+
 Dequantizer = Callable[[Fields, torch.dtype], torch.Tensor]
 
 DEQUANT: dict[GGMLType, Dequantizer] = {
@@ -232,6 +385,15 @@ DEQUANT: dict[GGMLType, Dequantizer] = {
     GGMLType.Q4_K: _dq_q4_k,
     GGMLType.Q5_K: _dq_q5_k,
     GGMLType.Q6_K: _dq_q6_k,
+    GGMLType.IQ4_NL: _dq_iq4_nl,
+    GGMLType.IQ4_XS: _dq_iq4_xs,
+    GGMLType.IQ2_XXS: _dq_iq2_xxs,
+    GGMLType.IQ2_XS: _dq_iq2_xs,
+    GGMLType.IQ2_S: _dq_iq2_s,
+    GGMLType.IQ3_XXS: _dq_iq3_xxs,
+    GGMLType.IQ3_S: _dq_iq3_s,
+    GGMLType.IQ1_S: _dq_iq1_s,
+    GGMLType.IQ1_M: _dq_iq1_m,
 }
 
 
@@ -367,5 +529,11 @@ def random_packed(qtype: GGMLType, n_rows: int, n_in: int, rng: np.random.Genera
         elif f.dtype == torch.bfloat16:
             v = (rng.standard_normal((n_rows, nb, 1)) * 0.01).astype(np.float32)
             out[:, :, f.start:f.start + f.size] = (v.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+    if qtype == GGMLType.IQ1_M:  # its f16 scale is the top nibbles of the four u16 scales (bytes 48-55)
+        d = (rng.standard_normal((n_rows, nb)) * 0.01).astype(np.float16).view(np.uint16)
+        sc = out[:, :, 48:56].copy().view(np.uint16)  # [n_rows, nb, 4]
+        for k in range(4):
+            sc[:, :, k] = (sc[:, :, k] & 0x0FFF) | (((d >> (4 * k)) & 0xF) << 12)
+        out[:, :, 48:56] = sc.view(np.uint8)
     return out.reshape(n_rows, nb * ts)
 
