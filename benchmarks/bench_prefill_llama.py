@@ -11,12 +11,18 @@ Opt-in: it needs a llama-bench binary, e.g. built from the llama-cpp-python sdis
 Each round runs, per model, llama-bench once (-r 1, JSON output) and then qbench once (-r 1, --json), in
 separate processes, one after the other: load that drifts over minutes hits both sides of a ratio alike.
 The table gives each side's median tokens/s and the median of the per-round ratios qf / llama.cpp.
+
+--qf-base DIR adds a third side in every round: qbench run from another qf source tree (e.g. `git archive
+<commit> | tar -x -C DIR`, imported first through PYTHONPATH), so a change is measured against its baseline
+and llama.cpp under the same load. Each round prints the 1-minute load average (a shared machine's load
+shows up in the spread).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -41,12 +47,16 @@ def llama_bench(binary: Path, model: Path, n_prompt: int, n_gen: int, threads: i
     return res
 
 
-def qbench(model: Path, n_prompt: int, n_gen: int, threads: int) -> dict[str, float]:
-    """{"pp512": t/s, "tg128": t/s} from one qbench run."""
+def qbench(model: Path, n_prompt: int, n_gen: int, threads: int, source: Path | None = None) -> dict[str, float]:
+    """{"pp512": t/s, "tg128": t/s} from one qbench run (of the qf source tree `source` when given)."""
+    env = dict(os.environ)
+    if source is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(source), *filter(None, [env.get("PYTHONPATH")])])
     with tempfile.TemporaryDirectory() as d:
         js = Path(d) / "q.json"
         subprocess.run([sys.executable, "-m", "qf.tools.qbench", str(model), "-p", str(n_prompt), "-n", str(n_gen),
-                        "-t", str(threads), "-r", "1", "--json", str(js)], capture_output=True, text=True, check=True)
+                        "-t", str(threads), "-r", "1", "--json", str(js)], capture_output=True, text=True, check=True,
+                       env=env)
         return {r["test"]: float(r["median_tps"]) for r in json.loads(js.read_text())["results"]}
 
 
@@ -59,30 +69,46 @@ def main() -> None:
     ap.add_argument("-n", "--n-gen", type=int, default=128)
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--qf-base", type=Path, help="also qbench from this qf source tree (a baseline), every round")
     args = ap.parse_args()
     if not args.llama_bench.is_file():
         sys.exit(f"no llama-bench at {args.llama_bench}")
+    if args.qf_base is not None and not (args.qf_base / "qf" / "__init__.py").is_file():
+        sys.exit(f"no qf source tree at {args.qf_base}")
     models = {f"SmolLM2 {t.strip()}": model_file(t.strip()) for t in args.types.split(",") if t.strip()}
     models.update({Path(g).name: Path(g) for g in args.gguf})
+    sides = {"llama.cpp": lambda p: llama_bench(args.llama_bench, p, args.n_prompt, args.n_gen, args.threads)}
+    if args.qf_base is not None:
+        sides["qf base"] = lambda p: qbench(p, args.n_prompt, args.n_gen, args.threads, args.qf_base)
+    sides["qf"] = lambda p: qbench(p, args.n_prompt, args.n_gen, args.threads)
     runs: dict[tuple[str, str, str], list[float]] = {}
-    for _ in range(args.rounds):
+    for k in range(args.rounds):
+        print(f"round {k + 1}: load average {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
         for name, path in models.items():
-            for side, fn in (("llama.cpp", llama_bench), ("qf", None)):
-                res = (llama_bench(args.llama_bench, path, args.n_prompt, args.n_gen, args.threads) if fn else
-                       qbench(path, args.n_prompt, args.n_gen, args.threads))
-                for test, tps in res.items():
+            for side, fn in sides.items():
+                for test, tps in fn(path).items():
                     runs.setdefault((name, test, side), []).append(tps)
-    print(f"\n{args.rounds} alternated rounds, {args.threads} threads\n")
-    print("| model | test | llama.cpp t/s | qf t/s | qf / llama.cpp (median of rounds) | min - max |\n"
-          "|---|---|---|---|---|---|")
+    print(f"\n{args.rounds} alternated rounds, {args.threads} threads; load average at the end "
+          f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
+    base = args.qf_base is not None
+    print("| model | test | llama.cpp t/s |" + (" qf base t/s |" if base else "") + " qf t/s | qf / llama.cpp (median of "
+          "rounds) | min - max |" + (" qf base / llama.cpp | qf / qf base |" if base else "") + "\n"
+          "|---|---|---|---|---|---|" + ("---|---|---|" if base else ""))
     for name in models:
         for test in (f"pp{args.n_prompt}", f"tg{args.n_gen}"):
             a, b = runs.get((name, test, "llama.cpp"), []), runs.get((name, test, "qf"), [])
             if not a or not b:
                 continue
             r = [y / x for x, y in zip(a, b)]
-            print(f"| {name} | {test} | {statistics.median(a):.1f} | {statistics.median(b):.1f} | "
-                  f"{statistics.median(r):.2f}x | {min(r):.2f} - {max(r):.2f} |")
+            row = f"| {name} | {test} | {statistics.median(a):.1f} | "
+            if base:
+                c = runs[(name, test, "qf base")]
+                row += f"{statistics.median(c):.1f} | "
+            row += f"{statistics.median(b):.1f} | {statistics.median(r):.2f}x | {min(r):.2f} - {max(r):.2f} |"
+            if base:
+                row += (f" {statistics.median([y / x for x, y in zip(a, c)]):.2f}x |"
+                        f" {statistics.median([y / x for x, y in zip(c, b)]):.2f}x |")
+            print(row, flush=True)
 
 
 if __name__ == "__main__":

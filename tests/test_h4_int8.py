@@ -229,6 +229,24 @@ def test_matmul_picks_int8_for_large_batches_only() -> None:
     assert np.array_equal(cpu.matmul(f16, x), cpu.matmul(f16, x, int8=False))  # float types: no int8 path
 
 
+@pytest.mark.skipif(cpu.INT8_MIN_TOKENS is None, reason="no native integer dot product on this host")
+def test_matmul_many_equals_each_matmul() -> None:
+    """Merged products (one quantization, one call per type of up to three weights) give each weight's own
+    matmul bit for bit: mixed types, a float type, odd row counts, every path's batch sizes."""
+    rng = np.random.default_rng(8)
+    n_in = 256
+    kinds = [(GGMLType.Q4_K, 37), (GGMLType.Q4_K, 16), (GGMLType.Q6_K, 21), (GGMLType.Q4_K, 5), (GGMLType.Q4_K, 50),
+             (GGMLType.F16, 9), (GGMLType.Q6_K, 1)]
+    ws = [cpu.QMatrix(t, _quantized(t, n, n_in, rng)[0], n_in, n) for t, n in kinds]
+    for n_tok in (1, 3, cpu.INT8_MIN_TOKENS, 61, 130):
+        x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
+        ys = cpu.matmul_many(ws, x)
+        assert len(ys) == len(ws)
+        for w, y in zip(ws, ys):
+            assert np.array_equal(y, cpu.matmul(w, x)), (w.type, w.n_out, n_tok)
+    assert cpu.matmul_many([], x) == []
+
+
 # ------------------------------------------------------------------------------ cold start
 
 

@@ -130,8 +130,10 @@ class Model:
         the expert tensors of every / the first N / the matching layers on that device when the planner places
         layers (gpu_layers != 0); the memory breakdown counts them there.
 
-        warmup (as llama.cpp does) runs a 2-token batch and a 1-token step once, so that loading the
-        compiled kernels and the first page-in of the weights count as load time, not as prompt time.
+        warmup (as llama.cpp does) evaluates a token and a 1-token step once, so that the decode kernels (compiled
+        or loaded from numba's cache) and the first page-in of the weights count as load time, not as prompt
+        time. The prefill kernels compile on the first prompt, only those its length needs (a fresh install's
+        first long prompt never compiles the short-batch kernels).
         """
         t0 = time.perf_counter()
         path = os.fspath(path)
@@ -170,12 +172,12 @@ class Model:
             be.set_threads(n)
 
     def _warmup(self) -> None:
-        """Evaluate a batch and a single token (the prefill and decode kernels), then empty the cache."""
+        """Evaluate a token and a step (the decode kernels), then empty the cache."""
         eng = self._engine
         tok = self.tokenizer.bos_id or 0
         with eng.lock:
-            if eng.n_ctx >= 3:
-                eng.prefill([tok, tok])
+            if eng.n_ctx >= 2:
+                eng.prefill([tok])
                 eng.step(tok)
             eng.cache.clear()
             if eng.threads is not None:

@@ -8,7 +8,7 @@ weights, then calls the ops below on arrays the backend owns. A planner can give
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import numba
 import numpy as np
@@ -108,6 +108,7 @@ def _rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, pos: np.ndarray, neox
 
 
 PARALLEL_ATTENTION_MIN = 1 << 12  # (row, kv head, key) triples from which attention runs in parallel
+FLASH_MIN_ROWS = 16  # rows of one sequence's chunk from which attention runs tiled (cpu_attention.attention_flash)
 
 
 @numba.njit(cache=True, fastmath=True, error_model="numpy")
@@ -132,6 +133,15 @@ def _geglu(gate: np.ndarray, up: np.ndarray) -> None:
             g = gate[m, i]
             t = np.tanh(c * g * (np.float32(1.0) + a * g * g))
             gate[m, i] = np.float32(0.5) * g * (np.float32(1.0) + t) * up[m, i]
+
+
+def linears(be: Backend, ws: Sequence[Any], x: Any, biases: Sequence[Any], exact_rows: bool = False) -> list[Any]:
+    """The products of several weights with the same rows x (Q, K, V; gate, up): the backend's merged
+    `linears` when it has one, else one `linear` each."""
+    merged = getattr(be, "linears", None)
+    if merged is not None:
+        return merged(ws, x, biases, exact_rows)
+    return [be.linear(w, x, b, exact_rows) for w, b in zip(ws, biases)]
 
 
 def vector_f32(t: TensorRef) -> np.ndarray:
@@ -211,6 +221,19 @@ class CpuBackend:
             y += bias
         return y
 
+    def linears(self, ws: Sequence[Any], x: np.ndarray, biases: Sequence[np.ndarray | None],
+                exact_rows: bool = False) -> list[np.ndarray]:
+        """[linear(w, x, b) for w, b in zip(ws, biases)] for weights that read the same rows x: a prefill batch
+        quantizes x once and runs the weights of one type in one parallel call (kernels.matmul_many); each
+        result is what `linear` gives, bit for bit."""
+        if exact_rows or x.shape[0] == 1 or not all(isinstance(w, kernels.QMatrix) for w in ws):
+            return [self.linear(w, x, b, exact_rows) for w, b in zip(ws, biases)]
+        ys = kernels.matmul_many(ws, x)
+        for y, b in zip(ys, biases):
+            if b is not None:
+                y += b
+        return ys
+
     def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, pos: np.ndarray, neox: bool) -> None:
         """In place on x [M, H, D], row m at position pos[m]."""
         _rope(x, cos, sin, pos, neox)
@@ -240,6 +263,13 @@ _CPU_KV_STORAGE: dict[str, tuple[type, int, bool]] = {
     "q8_0": (np.int8, 1, True), "q4_0": (np.uint8, 2, True),
 }
 _NO_SCALES = np.zeros((1, 1, 1, 1), dtype=np.uint16)
+
+
+def _one_chunk(slots: np.ndarray, pos: np.ndarray) -> bool:
+    """Whether rows are a prefill chunk for the tiled attention: >= FLASH_MIN_ROWS consecutive positions of one slot."""
+    n = slots.shape[0]
+    return (n >= FLASH_MIN_ROWS and int(pos[-1]) - int(pos[0]) == n - 1 and bool((slots == slots[0]).all())
+            and bool((np.diff(pos) == 1).all()))
 
 
 class CpuKV:
@@ -294,8 +324,12 @@ class CpuKV:
         keys = int(pos.max()) + 1 if window <= 0 else min(int(pos.max()) + 1, window)
         work = q.shape[0] * self.spec.n_head_kv * keys
         sc = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
-        kernel = attn.attention_parallel if work >= PARALLEL_ATTENTION_MIN else attn.attention_serial
-        kernel(q, self.k, self.k_scales, self.v, self.v_scales, attn.F16_TABLE, slots, pos, sc, int(window), out)
+        if _one_chunk(slots, pos) and q.shape[2] % 16 == 0:
+            attn.attention_flash(q, self.k, self.k_scales, self.v, self.v_scales, attn.F16_TABLE, int(slots[0]),
+                                 int(pos[0]), sc, int(window), out, numba.get_num_threads())
+        else:
+            kernel = attn.attention_parallel if work >= PARALLEL_ATTENTION_MIN else attn.attention_serial
+            kernel(q, self.k, self.k_scales, self.v, self.v_scales, attn.F16_TABLE, slots, pos, sc, int(window), out)
         if self.rot_v is not None:
             out = out @ self.rot_v  # sum p (v H) = (sum p v) H; H H = I
         return out.reshape(q.shape[0], -1)

@@ -15,7 +15,7 @@ import numpy as np
 
 from qf.format.errors import ContextOverflowError, ModelError
 from qf.format.tensor_roles import EXPERT_ROLES, LAYER_ROLES
-from qf.runtime.backend import Backend, vector_f32
+from qf.runtime.backend import Backend, linears, vector_f32
 from qf.runtime.hparams import HParams
 from qf.runtime.kv_cache import DEFAULT_KV_TYPE, KVCache, KVSpec
 from qf.runtime.weights import LayerTensors, ModelTensors, TensorRef, row_slices
@@ -332,9 +332,10 @@ class DecoderForward:
         be, hp, ex = L.be, self.hp, batch.exact_rows
         n = h.shape[0]
         cos, sin = L.rope  # [n_ctx, n_rot / 2]
-        q = self._heads(be, be.linear(L.wq, h, L.bq, ex), L.attn_q_norm, n, hp.n_head)  # q: [M, H, D]
-        k = self._heads(be, be.linear(L.wk, h, L.bk, ex), L.attn_k_norm, n, hp.n_head_kv)  # k: [M, Hkv, D]
-        v = be.linear(L.wv, h, L.bv, ex).reshape(n, hp.n_head_kv, hp.head_dim)  # v: [M, Hkv, D]
+        yq, yk, yv = linears(be, (L.wq, L.wk, L.wv), h, (L.bq, L.bk, L.bv), ex)
+        q = self._heads(be, yq, L.attn_q_norm, n, hp.n_head)  # q: [M, H, D]
+        k = self._heads(be, yk, L.attn_k_norm, n, hp.n_head_kv)  # k: [M, Hkv, D]
+        v = yv.reshape(n, hp.n_head_kv, hp.head_dim)  # v: [M, Hkv, D]
         be.rope(q, cos, sin, batch.pos, self.rope_neox)
         be.rope(k, cos, sin, batch.pos, self.rope_neox)
         kv.store(k, v, batch.slots, batch.pos)
@@ -345,8 +346,7 @@ class DecoderForward:
         be = L.be
         if L.experts is not None:
             return self._moe(L, h, exact_rows)
-        g = ACTIVATIONS[self.activation](be, be.linear(L.w_gate, h, None, exact_rows),
-                                         be.linear(L.w_up, h, None, exact_rows))  # g: [M, n_ff]
+        g = ACTIVATIONS[self.activation](be, *linears(be, (L.w_gate, L.w_up), h, (None, None), exact_rows))  # [M, n_ff]
         return be.linear(L.w_down, g, None, exact_rows)
 
     def _moe(self, L: PlacedLayer, h: Any, exact_rows: bool) -> Any:

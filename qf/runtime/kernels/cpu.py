@@ -29,7 +29,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numba
 import numpy as np
@@ -254,20 +254,58 @@ def quantize_q8(x: np.ndarray, parts: int | None = None) -> Q8Activations:
 
 def matmul_q8(w: QMatrix, xq: Q8Activations, out: np.ndarray | None = None, *, isa: Isa | None = None) -> np.ndarray:
     """xq @ w.T with integer dot products: -> f32 [M, n_out]; isa picks the instruction set (default ISA)."""
+    _check_q8(w, xq)
+    y = _output(out, (xq.shape[0], w.n_out))
+    if xq.shape[0]:
+        _matmul_q8_call((w,), xq, (y,), isa or ISA)
+    return y
+
+
+def _check_q8(w: QMatrix, xq: Q8Activations) -> None:
+    """KernelError unless the integer matmul computes w on xq."""
     if w.type not in IDECODERS:
         names = ", ".join(t.name for t in int8_types())
         raise KernelError(f"no integer matmul for {w.type.name}; supported: {names}")
     if xq.shape[1] != w.n_in:
         raise KernelError(f"quantized activations have n_in={xq.shape[1]}; the weight needs {w.n_in}")
-    y = _output(out, (xq.shape[0], w.n_out))
-    if not xq.shape[0]:
-        return y
-    n_items = max(1, min(numba.get_num_threads(), -(-w.n_out // cpu_int8.PANEL)))
+
+
+def _matmul_q8_call(ws: tuple[QMatrix, ...], xq: Q8Activations, ys: tuple[np.ndarray, ...], isa: Isa) -> None:
+    """ys[i] = xq @ ws[i].T for 1-3 weights of one type, in one parallel call (the missing ones: 0 rows)."""
+    w = ws[0]
+    n_panels = sum(-(-v.n_out // cpu_int8.PANEL) for v in ws)
+    n_items = max(1, min(numba.get_num_threads(), n_panels))
     subs = IDECODERS[w.type].subs
     qbuf = _aligned_u8(n_items, w.n_in * cpu_int8.PANEL)
     fbuf = np.empty((n_items, 2, subs * w.n_in // 2), _F32)
-    cpu_int8.matmul_kernel(w.kind, isa or ISA, w.data, xq.planes, xq.d, xq.s16, xq.s32, y, qbuf, fbuf)
-    return y
+    none_w = w.data[:0]
+    none_y = np.empty((xq.shape[0], 0), _F32)
+    d = [v.data for v in ws] + [none_w] * (3 - len(ws))
+    o = list(ys) + [none_y] * (3 - len(ys))
+    cpu_int8.matmul_kernel(w.kind, isa, d[0], d[1], d[2], xq.planes, xq.d, xq.s16, xq.s32, o[0], o[1], o[2], qbuf, fbuf)
+
+
+def matmul_many(ws: Sequence[QMatrix], x: np.ndarray) -> list[np.ndarray]:
+    """[matmul(w, x) for w in ws] for weights that read the same activations x f32 [M, n_in] (Q, K and V; gate
+    and up): on the integer path x is quantized once and the weights of one type run in one parallel call
+    (up to three per call). Each result equals matmul(w, x)'s bit for bit."""
+    if not ws:
+        return []
+    x = _activations(x, ws[0].n_in, 2)
+    n_tok = x.shape[0]
+    ints = [i for i, w in enumerate(ws) if INT8_MIN_TOKENS is not None and n_tok >= INT8_MIN_TOKENS
+            and w.type in IDECODERS and w.n_in == x.shape[1]]
+    ys = [np.empty((n_tok, w.n_out), _F32) if i in ints else matmul(w, x) for i, w in enumerate(ws)]
+    if ints:
+        xq = quantize_q8(x)
+        by_type: dict[GGMLType, list[int]] = {}
+        for i in ints:
+            by_type.setdefault(ws[i].type, []).append(i)
+        for idx in by_type.values():
+            for k in range(0, len(idx), 3):
+                part = idx[k:k + 3]
+                _matmul_q8_call(tuple(ws[i] for i in part), xq, tuple(ys[i] for i in part), ISA)
+    return ys
 
 
 def precompile(types: Iterable[GGMLType | int | str], parts: int | None = None) -> list[GGMLType]:
@@ -372,5 +410,5 @@ def get_threads() -> int:
 
 
 __all__ = ["KernelError", "Q8Activations", "QMatrix", "get_rows", "get_threads", "int8_types", "matmul",
-           "matmul_q8", "matvec", "precompile", "precompile_async", "quantize_q8", "set_threads", "supported_types",
+           "matmul_many", "matmul_q8", "matvec", "precompile", "precompile_async", "quantize_q8", "set_threads", "supported_types",
            "unpack_int8"]

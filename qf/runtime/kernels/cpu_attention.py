@@ -12,6 +12,12 @@ alike. A cache tensor is `data` [slots, Hkv, T, D or bytes] plus `scales` [slots
 The quantizers are ggml's reference ones (quantize_row_q8_0_ref / quantize_row_q4_0_ref), so a stored row
 dequantizes exactly as gguf.quants would dequantize ggml's own bytes. The decoder is picked at compile time
 from data's dtype (one compiled attention per K/V type pair in use).
+
+Two attentions: `attention_parallel` / `attention_serial` go row by row (any mix of slots and positions:
+decode steps), each row decoding its keys and values as it reads them. `attention_flash` serves a prefill
+chunk (consecutive positions of one slot): a tile of QT query positions (times the group of query heads of
+one kv head) decodes each tile of KT keys and values once, scores them with 16-lane vector products,
+and keeps a running max and sum per row (online softmax), so the work per key is shared by the whole tile.
 """
 
 from __future__ import annotations
@@ -20,8 +26,12 @@ import math
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import types
-from numba.extending import overload
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+from qf.runtime.kernels.cpu_simd import f32x16, vadd, vfma, vload, vmul, vsplat, vstore, vsum, vzero
 
 QBLOCK = 32  # elements per q8_0 / q4_0 block
 # IEEE half bits -> f32, the decoder of f16 caches and of q8_0/q4_0 scales (256 KiB, stays in L2)
@@ -177,3 +187,231 @@ def store_q4_0(x, data, d_out, slots, pos):
 def _roundf(v):
     """C's roundf: halves away from zero."""
     return math.floor(v + 0.5) if v >= 0 else -math.floor(-v + 0.5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tiled attention of a prefill chunk (flash-style: online softmax over key tiles).
+
+QT = 16  # query positions per tile (times the group of query heads that share a kv head)
+KT = 64  # keys per tile: 4 vectors of 16 lanes
+
+NO_MAX = np.float32(-1e30)  # the running max before any key (finite: the kernels assume no infinities)
+_VF = ir.VectorType(ir.FloatType(), 16)
+_VI = ir.VectorType(ir.IntType(32), 16)
+_EXP_FLAGS = ("contract",)
+
+
+def _vconst(v: float) -> ir.Constant:
+    """A <16 x float> constant."""
+    return ir.Constant(_VF, [float(v)] * 16)
+
+
+@intrinsic
+def vexp(typingctx, v):
+    """exp of 16 lanes (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, degree-7 polynomial; relative error
+    ~1e-7); lanes below -87.3 give ~1e-38 rather than 0, NaN lanes give garbage."""
+    def codegen(context, builder, sig, args):
+        x = args[0]
+        lo, hi = _vconst(-87.33654), _vconst(88.3762626647949)
+        x = builder.select(builder.fcmp_ordered("<", x, lo), lo, x)
+        x = builder.select(builder.fcmp_ordered(">", x, hi), hi, x)
+        floor = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VF, [_VF]), "llvm.floor.v16f32")
+        fl = _EXP_FLAGS
+        n = builder.call(floor, [builder.fadd(builder.fmul(x, _vconst(1.44269504088896341), flags=fl),
+                                              _vconst(0.5), flags=fl)])
+        r = builder.fsub(x, builder.fmul(n, _vconst(0.693359375), flags=fl), flags=fl)
+        r = builder.fsub(r, builder.fmul(n, _vconst(-2.12194440e-4), flags=fl), flags=fl)
+        y = _vconst(1.9875691500e-4)
+        for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+            y = builder.fadd(builder.fmul(y, r, flags=fl), _vconst(c), flags=fl)
+        y = builder.fadd(builder.fadd(builder.fmul(y, builder.fmul(r, r, flags=fl), flags=fl), r, flags=fl),
+                         _vconst(1.0), flags=fl)
+        e = builder.shl(builder.add(builder.fptosi(n, _VI), ir.Constant(_VI, [127] * 16)), ir.Constant(_VI, [23] * 16))
+        return builder.fmul(y, builder.bitcast(e, _VF), flags=fl)
+    return f32x16(v), codegen
+
+
+@numba.njit(cache=True, fastmath=True, error_model="numpy")
+def _flash_tile(q, kd, ks, vd, vs, tab, slot, pos0, scale, window, out, r0, r1, kvh,
+                qs, kt, vt, s, o, mx, lsum, alpha, kbuf):
+    """Query rows r0 .. r1 - 1 (positions pos0 + r) of the query heads of kv head kvh -> out.
+
+    Scratch: qs [R, D] (scaled queries, R = QT * group + 1 rows, row i = position i // group, head i % group),
+    kt [D, KT] (keys, transposed), vt [KT, D], s [R, KT] scores / probabilities, o [R, D] running outputs,
+    mx / lsum / alpha [R] running max, sum and rescale factor; kbuf [D].
+    """
+    dim = q.shape[2]
+    group = q.shape[1] // kd.shape[1]
+    h0 = kvh * group
+    rows = (r1 - r0) * group
+    rp = rows + (rows & 1)  # rows in pairs: a zero pad row when odd
+    for i in range(rp):
+        mx[i] = NO_MAX
+        lsum[i] = 0.0
+        for d in range(dim):
+            o[i, d] = 0.0
+            qs[i, d] = q[r0 + i // group, h0 + i % group, d] * scale if i < rows else 0.0
+    p_first = pos0 + r0
+    p_last = pos0 + r1 - 1
+    k_lo = max(0, p_first + 1 - window) if window > 0 else 0
+    nv = dim // 16
+    for k0 in range(k_lo - k_lo % KT, p_last + 1, KT):
+        n = min(KT, p_last + 1 - k0)
+        for t in range(n):
+            read_row(kd, ks, tab, slot, kvh, k0 + t, kbuf)
+            for d in range(dim):
+                kt[d, t] = kbuf[d]
+            read_row(vd, vs, tab, slot, kvh, k0 + t, vt[t])
+        # scores of two rows at a time against the 64 keys
+        for i in range(0, rp, 2):
+            a0 = vzero()
+            a1 = vzero()
+            a2 = vzero()
+            a3 = vzero()
+            b0 = vzero()
+            b1 = vzero()
+            b2 = vzero()
+            b3 = vzero()
+            for d in range(dim):
+                x = vsplat(qs[i, d])
+                y = vsplat(qs[i + 1, d])
+                k = vload(kt, d * KT)
+                a0 = vfma(x, k, a0)
+                b0 = vfma(y, k, b0)
+                k = vload(kt, d * KT + 16)
+                a1 = vfma(x, k, a1)
+                b1 = vfma(y, k, b1)
+                k = vload(kt, d * KT + 32)
+                a2 = vfma(x, k, a2)
+                b2 = vfma(y, k, b2)
+                k = vload(kt, d * KT + 48)
+                a3 = vfma(x, k, a3)
+                b3 = vfma(y, k, b3)
+            vstore(s, i * KT, a0)
+            vstore(s, i * KT + 16, a1)
+            vstore(s, i * KT + 32, a2)
+            vstore(s, i * KT + 48, a3)
+            vstore(s, (i + 1) * KT, b0)
+            vstore(s, (i + 1) * KT + 16, b1)
+            vstore(s, (i + 1) * KT + 32, b2)
+            vstore(s, (i + 1) * KT + 48, b3)
+        # online softmax: keys lo .. hi - 1 of this tile are visible to row i
+        for i in range(rp):
+            p = p_first + i // group
+            hi = min(n, p + 1 - k0) if i < rows else 0
+            lo = max(0, p + 1 - window - k0) if window > 0 else 0
+            if hi <= lo:
+                alpha[i] = 1.0
+                for t in range(KT):
+                    s[i, t] = 0.0
+                continue
+            best = s[i, lo]
+            for t in range(lo + 1, hi):
+                best = max(best, s[i, t])
+            m_new = max(mx[i], best)
+            alpha[i] = np.exp(mx[i] - m_new)
+            mx[i] = m_new
+            ms = vsplat(-m_new)
+            for j in range(KT // 16):
+                vstore(s, i * KT + 16 * j, vexp(vadd(vload(s, i * KT + 16 * j), ms)))
+            for t in range(lo):
+                s[i, t] = 0.0
+            for t in range(hi, KT):
+                s[i, t] = 0.0
+            tot = vsum(vload(s, i * KT)) + vsum(vload(s, i * KT + 16)) + vsum(vload(s, i * KT + 32)) \
+                + vsum(vload(s, i * KT + 48))
+            lsum[i] = lsum[i] * alpha[i] + tot
+        # o = o * alpha + p @ v, two rows and up to 64 values of a row at a time
+        for i in range(0, rp, 2):
+            ax = vsplat(alpha[i])
+            ay = vsplat(alpha[i + 1])
+            j = 0
+            while j + 4 <= nv:
+                c = 16 * j
+                a0 = vmul(vload(o, i * dim + c), ax)
+                a1 = vmul(vload(o, i * dim + c + 16), ax)
+                a2 = vmul(vload(o, i * dim + c + 32), ax)
+                a3 = vmul(vload(o, i * dim + c + 48), ax)
+                b0 = vmul(vload(o, (i + 1) * dim + c), ay)
+                b1 = vmul(vload(o, (i + 1) * dim + c + 16), ay)
+                b2 = vmul(vload(o, (i + 1) * dim + c + 32), ay)
+                b3 = vmul(vload(o, (i + 1) * dim + c + 48), ay)
+                for t in range(n):
+                    x = vsplat(s[i, t])
+                    y = vsplat(s[i + 1, t])
+                    v = vload(vt, t * dim + c)
+                    a0 = vfma(x, v, a0)
+                    b0 = vfma(y, v, b0)
+                    v = vload(vt, t * dim + c + 16)
+                    a1 = vfma(x, v, a1)
+                    b1 = vfma(y, v, b1)
+                    v = vload(vt, t * dim + c + 32)
+                    a2 = vfma(x, v, a2)
+                    b2 = vfma(y, v, b2)
+                    v = vload(vt, t * dim + c + 48)
+                    a3 = vfma(x, v, a3)
+                    b3 = vfma(y, v, b3)
+                vstore(o, i * dim + c, a0)
+                vstore(o, i * dim + c + 16, a1)
+                vstore(o, i * dim + c + 32, a2)
+                vstore(o, i * dim + c + 48, a3)
+                vstore(o, (i + 1) * dim + c, b0)
+                vstore(o, (i + 1) * dim + c + 16, b1)
+                vstore(o, (i + 1) * dim + c + 32, b2)
+                vstore(o, (i + 1) * dim + c + 48, b3)
+                j += 4
+            while j < nv:
+                c = 16 * j
+                a0 = vmul(vload(o, i * dim + c), ax)
+                b0 = vmul(vload(o, (i + 1) * dim + c), ay)
+                for t in range(n):
+                    v = vload(vt, t * dim + c)
+                    a0 = vfma(vsplat(s[i, t]), v, a0)
+                    b0 = vfma(vsplat(s[i + 1, t]), v, b0)
+                vstore(o, i * dim + c, a0)
+                vstore(o, (i + 1) * dim + c, b0)
+                j += 1
+    for i in range(rows):
+        inv = np.float32(1.0) / lsum[i]
+        for d in range(dim):
+            out[r0 + i // group, h0 + i % group, d] = o[i, d] * inv
+
+
+@numba.njit(cache=True, parallel=True, fastmath=True, error_model="numpy")
+def attention_flash(q, kd, ks, vd, vs, tab, slot, pos0, scale, window, out, n_chunks):
+    """Causal GQA attention of a chunk of one sequence: rows q [M, H, D] at positions pos0 .. pos0 + M - 1 of
+    slot `slot` -> out [M, H, D] (D a multiple of 16); one job per (tile of QT rows, kv head), dealt in turn
+    to n_chunks parallel chunks (the thread count: later tiles see more keys, so turns even the load out)."""
+    dim = q.shape[2]
+    n_kv = kd.shape[1]
+    group = q.shape[1] // n_kv
+    n_tiles = (q.shape[0] + QT - 1) // QT
+    n_jobs = n_tiles * n_kv
+    r = QT * group + 1
+    n_par = min(n_jobs, n_chunks)
+    mat = np.zeros((n_par, 3 * r * dim + 2 * dim * KT + r * KT), np.float32)  # qs, o, kt, vt, s of each chunk
+    vec = np.zeros((n_par, 3 * r + dim), np.float32)  # mx, lsum, alpha, kbuf
+    for c in numba.prange(n_par):
+        _flash_jobs(q, kd, ks, vd, vs, tab, slot, pos0, np.float32(scale), window, out, c, n_par, mat[c], vec[c])
+
+
+@numba.njit(cache=True, fastmath=True, error_model="numpy")
+def _flash_jobs(q, kd, ks, vd, vs, tab, slot, pos0, scale, window, out, c, n_par, mat, vec):
+    """Jobs c, c + n_par, ... of attention_flash with one chunk's scratch (mat / vec: flat f32, carved here)."""
+    dim = q.shape[2]
+    n_kv = kd.shape[1]
+    r = QT * (q.shape[1] // n_kv) + 1
+    qs = mat[:r * dim].reshape(r, dim)
+    o = mat[r * dim:2 * r * dim].reshape(r, dim)
+    kt = mat[2 * r * dim:2 * r * dim + dim * KT].reshape(dim, KT)
+    vt = mat[2 * r * dim + dim * KT:2 * r * dim + 2 * dim * KT].reshape(KT, dim)
+    s = mat[2 * r * dim + 2 * dim * KT:2 * r * dim + 2 * dim * KT + r * KT].reshape(r, KT)
+    mx = vec[:r]
+    lsum = vec[r:2 * r]
+    alpha = vec[2 * r:3 * r]
+    kbuf = vec[3 * r:]
+    n_jobs = (q.shape[0] + QT - 1) // QT * n_kv
+    for job in range(c, n_jobs, n_par):
+        t = job // n_kv
+        _flash_tile(q, kd, ks, vd, vs, tab, slot, pos0, scale, window, out, t * QT, min(q.shape[0], (t + 1) * QT),
+                    job % n_kv, qs, kt, vt, s, o, mx, lsum, alpha, kbuf)

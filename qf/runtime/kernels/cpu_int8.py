@@ -12,6 +12,9 @@ The algorithm (llama.cpp's for its Q8_0 / Q8_K activations, in a layout of our o
    a few f32 lane operations: acc += f32(dot) * s * da + m * (da * sum qa). A lane of the accumulator is one
    output row; the 16 rows of a token are stored as one vector.
 
+`matmul_kernel` takes up to three weights of one type that share the activations (Q, K and V; gate and
+up): their panels form one parallel call, one fork-join instead of three.
+
 Weights are never copied beyond a panel (the mmap stays the only copy): the decode is repeated per matmul,
 once per 16 rows, and is amortised over the tokens (M >= INT8_MIN_TOKENS in cpu.py).
 
@@ -354,14 +357,30 @@ def _panel(kind, isa, w, r0, buf, sc, mn, qx, dx, sx16, sx32, out):
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def matmul_kernel(kind, isa, w, qx, dx, sx16, sx32, out, qbuf, fbuf):
-    """out = x @ w.T from quantized activations; qbuf u8 [items, n_in * 16], fbuf f32 [items, 2, subs * n_in / 2].
+def matmul_kernel(kind, isa, w0, w1, w2, qx, dx, sx16, sx32, out0, out1, out2, qbuf, fbuf):
+    """out_i = x @ w_i.T for up to three weights of one type on the same quantized activations, in one
+    parallel call (a weight of 0 rows is none); qbuf u8 [items, n_in * 16], fbuf f32 [items, 2, subs * n_in / 2].
 
-    Work item c owns an even share of the panels (16 rows each) and decodes them into qbuf[c] / fbuf[c].
+    The panels (16 rows each) of w0, w1 and w2, in that order, are cut into even shares, one per work item;
+    item c decodes its panels into qbuf[c] / fbuf[c]. A row's result does not depend on the other weights.
     """
     n_items = qbuf.shape[0]
-    n_panels = (w.shape[0] + PANEL - 1) // PANEL
+    n0 = (w0.shape[0] + PANEL - 1) // PANEL
+    n1 = (w1.shape[0] + PANEL - 1) // PANEL
+    n_panels = n0 + n1 + (w2.shape[0] + PANEL - 1) // PANEL
     per = (n_panels + n_items - 1) // n_items
     for c in prange(n_items):
-        for p in range(c * per, min(n_panels, (c + 1) * per)):
-            _panel(kind, isa, w, PANEL * p, qbuf[c], fbuf[c, 0], fbuf[c, 1], qx, dx, sx16, sx32, out)
+        _panels(kind, isa, w0, w1, w2, n0, n1, c * per, min(n_panels, (c + 1) * per), qbuf[c], fbuf[c, 0], fbuf[c, 1],
+                qx, dx, sx16, sx32, out0, out1, out2)
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _panels(kind, isa, w0, w1, w2, n0, n1, p0, p1, buf, sc, mn, qx, dx, sx16, sx32, out0, out1, out2):
+    """Panels p0 .. p1 - 1 of the sequence w0 (n0 panels), w1 (n1 panels), w2."""
+    for p in range(p0, p1):
+        if p < n0:
+            _panel(kind, isa, w0, PANEL * p, buf, sc, mn, qx, dx, sx16, sx32, out0)
+        elif p < n0 + n1:
+            _panel(kind, isa, w1, PANEL * (p - n0), buf, sc, mn, qx, dx, sx16, sx32, out1)
+        else:
+            _panel(kind, isa, w2, PANEL * (p - n0 - n1), buf, sc, mn, qx, dx, sx16, sx32, out2)
