@@ -74,7 +74,8 @@ def ld_iq4_scaled(typingctx, row, off, high, scale):
     def codegen(context, builder, sig, args):
         s = context.cast(builder, args[3], sig.args[3], types.float32)
         vs = builder.insert_element(ir.Constant(_VF, ir.Undefined), s, ir.Constant(ir.IntType(32), 0))
-        vs = builder.shuffle_vector(vs, ir.Constant(_VF, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16))
+        zeros = ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16)
+        vs = builder.shuffle_vector(vs, ir.Constant(_VF, ir.Undefined), zeros)
         q = _bytes16(context, builder, sig, args, 0)  # <16 x i8>
         hi = context.cast(builder, args[2], sig.args[2], types.boolean)
         shifted = builder.select(hi, builder.lshr(q, ir.Constant(_VI8, [4] * 16)), q)
@@ -149,7 +150,7 @@ DECODERS: dict[GGMLType, Decoder] = register({
 })
 
 
-# ------------------------------------------------------------------ integer forms: q = kvalues + 128, s = scale, m = -128 s
+# ------------------------------------------------------------------ integer forms: q = kvalues + 128, m = -128 s
 
 @njit(**_JIT)
 def quants_iq4_nl(row, b, j, h):

@@ -1,18 +1,18 @@
-"""Decoders for ggml's grid IQ types: IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S (signed grid points times a
-scale) and IQ1_S, IQ1_M (ternary grid points plus a shift), in f32 and integer (cpu_idecode.py) forms.
+"""Decoders for ggml's grid IQ types: IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S (signed grid points times a scale)
+and IQ1_S, IQ1_M (ternary grid points plus a shift), in f32 and integer (cpu_idecode.py) forms.
 
 Every 32-element unit is built as 32 signed bytes in one vector (`q8x32`): its grid indices are computed
 lanewise (low bits | high bits from qh, each masked to its table's size, so arbitrary bytes never index
-outside the tables), then the entries are fetched from a flat table (cpu_iq_grids.py): 8 entries of 4
-bytes (IQ3) by one vector gather, 4 entries of 8 bytes (IQ2, IQ1) by 4 scalar loads (faster than a gather
-there). Signs come from a 32-bit lane mask: stored bits (IQ2_S, IQ3_S), or ggml's ksigns of 7-bit indices,
-computed (the 7 bits plus their parity) instead of looked up. IQ1's value g + delta (delta = +-1/8) is
-kept as the integer 8 g +- 1 with the scale divided by 8 (exact: a power of two). Scales shared by a block
-(IQ2_XS, IQ2_S, IQ3_S) are decoded once per block as a vector.
+outside the tables), then the entries are fetched from a flat table (cpu_iq_grids.py) by one vector gather: 8
+entries of 4 bytes (IQ3) or 4 entries of 8 bytes (IQ2, IQ1); measured faster than scalar loads for both on
+AVX-512 (non-x86 targets get the gather scalarized by LLVM). Signs come from a 32-bit lane mask: stored bits
+(IQ2_S, IQ3_S), or ggml's ksigns of 7-bit indices, computed (the 7 bits plus their parity) instead of looked
+up. IQ1's value g + delta (delta = +-1/8) is kept as the integer 8 g +- 1 with the scale divided by 8 (exact:
+a power of two). Scales shared by a block (IQ2_XS, IQ2_S, IQ3_S) are decoded once per block as a vector.
 
-The f32 form widens the bytes and multiplies each 16 lanes by their scale; the integer form is
-q = v + 128 with s = scale and m = -128 s. Formulas follow ggml-quants.c (dequantize_row_iq*). All values
-are exact in f32 (a half times small integers), so rows equal gguf.quants bit for bit.
+The f32 form widens the bytes and multiplies each 16 lanes by their scale; the integer form is q = v + 128
+with s = scale and m = -128 s. Formulas follow ggml-quants.c (dequantize_row_iq*). All values are exact in f32
+(a half times small integers), so rows equal gguf.quants bit for bit.
 """
 
 from __future__ import annotations
@@ -103,18 +103,6 @@ def _splat_n(builder, scalar, n: int):
     return builder.shuffle_vector(v, ir.Constant(vt, ir.Undefined), ir.Constant(ir.VectorType(_I32, n), [0] * n))
 
 
-def _entries(builder, tab_ptr, idx, width: int):
-    """As _vgather, one scalar load per entry (faster than a hardware gather for 4 entries)."""
-    n = idx.type.count
-    et = ir.IntType(8 * width)
-    v = ir.Constant(ir.VectorType(et, n), ir.Undefined)
-    for k in range(n):
-        i = builder.zext(builder.extract_element(idx, ir.Constant(_I32, k)), _I64)
-        ptr = builder.bitcast(builder.gep(tab_ptr, [builder.mul(i, ir.Constant(_I64, width))]), et.as_pointer())
-        v = builder.insert_element(v, builder.load(ptr, align=1), ir.Constant(_I32, k))
-    return v
-
-
 def grid_loader(width: int, src: int, lo_mask: int, up: int = 0, shifts: tuple[int, ...] = (), hi_mask: int = 0):
     """An intrinsic (table, row, off, hi) -> q8x32 loading the unit's 32 // width grid entries by vector gather.
 
@@ -136,8 +124,7 @@ def grid_loader(width: int, src: int, lo_mask: int, up: int = 0, shifts: tuple[i
             h = builder.and_(builder.lshr(h, ir.Constant(vi, list(shifts))), ir.Constant(vi, [hi_mask] * n))
             idx = builder.or_(idx, h)
         tab = context.make_array(sig.args[0])(context, builder, args[0])
-        fetch = _vgather if n > 4 else _entries
-        return builder.bitcast(fetch(builder, tab.data, idx, width), _V32I8)
+        return builder.bitcast(_vgather(builder, tab.data, idx, width), _V32I8)
 
     @intrinsic
     def load(typingctx, tab, row, off, hi):
