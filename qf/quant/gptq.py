@@ -128,7 +128,7 @@ class GPTQResult:
 
     q: np.ndarray  # f32 [rows, n_in]: the grid's exact values of the chosen codes
     perm: np.ndarray  # int64 [n_in]: processing order (identity without act-order)
-    loss: float  # GPTQ's summed column losses: (w - q) H (w - q)^T / 2 over rows, H damped
+    loss: float  # sum over rows of (w - q) H (w - q)^T / 2 with the undamped H: the output error
     energy: float  # the same for q = 0 (the output's own size): loss / energy is the relative error
 
     @property
@@ -166,7 +166,6 @@ def gptq(w: np.ndarray, h: np.ndarray, grid: Grid, block: int = DEFAULT_BLOCK, d
     perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(n)
     w, hp = w[:, perm], h.astype(np.float32)[np.ix_(perm, perm)]
     u = _inverse_cholesky(hp, damp)  # u: f32 [n, n] upper
-    loss = 0.0
     fit_inline = grid.group > 0 and not static_groups
     if fit_inline:
         block = g * max(1, -(-block // g))  # whole groups per block: a group is fitted on up-to-date columns
@@ -187,9 +186,8 @@ def gptq(w: np.ndarray, h: np.ndarray, grid: Grid, block: int = DEFAULT_BLOCK, d
                      np.ascontiguousarray(keep, np.int32), float(grid.lo), float(grid.hi), s0, codes, err)
             grid.record(cols, codes)
         w[:, b1:] -= err @ u[b0:b1, b1:]
-        loss += float(np.square(err, dtype=np.float64).sum()) / 2.0  # each column's OBS loss: e^2 / 2
     q = grid.values()
-    return GPTQResult(q, perm, loss, output_loss(w0, np.zeros_like(q), h0))
+    return GPTQResult(q, perm, output_loss(w0, q, h0), output_loss(w0, np.zeros_like(q), h0))
 
 
 def output_loss(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> float:
