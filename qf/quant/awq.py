@@ -98,8 +98,8 @@ def group_loss(h: np.ndarray, ws: list[np.ndarray], s: np.ndarray, grid: Grid) -
 
 
 def relative_error(h: np.ndarray, w: np.ndarray, wq: np.ndarray) -> float:
-    """|| X (wq - w)^T || / || X w^T || from H."""
-    return float(np.sqrt(_error(w, wq, h) / max(_error(np.zeros_like(w), w, h), 1e-30)))
+    """|| X (wq - w)^T ||^2 / || X w^T ||^2 from H (the measure GPTQ reports, so the summaries compare)."""
+    return float(_error(w, wq, h) / max(_error(np.zeros_like(w), w, h), 1e-30))
 
 
 @dataclass
