@@ -8,7 +8,9 @@
 Each run is a new Python process (`python -c ...`) timed from its launch: imports, Model.load (weights
 mapped, hyperparameters checked, the warm-up batch and step that compile the decode kernels) and the prompt
 (which compiles the prefill kernels on first use), until the first token is out. "cold" points
-NUMBA_CACHE_DIR at an empty folder; "warm" reuses the folder the cold run filled.
+NUMBA_CACHE_DIR at an empty folder; "warm" reuses the folder the cold run filled. "cpu s" is the child's
+CPU time (user + system, all its threads and processes): on a loaded machine the wall time stretches, the
+compile work does not. --qf-base DIR runs the same from another qf source tree (PYTHONPATH) for a baseline.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -47,15 +50,23 @@ print(json.dumps({"import": t1 - t0, "load": t2 - t1, "prompt": t3 - t2, "n_prom
 """
 
 
-def run_child(path: Path, n_prompt: int, threads: int, cache: str, precompile: bool) -> dict:
-    """One process to the first token; its phase times and the wall time from launch."""
+def _children_cpu() -> float:
+    """CPU seconds of the finished children so far (user + system)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def run_child(path: Path, n_prompt: int, threads: int, cache: str, precompile: bool, source: Path | None) -> dict:
+    """One process to the first token; its phase times, the wall time from launch and its CPU time."""
     env = dict(os.environ, NUMBA_CACHE_DIR=cache)
-    t0 = time.perf_counter()
+    if source is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(source), *filter(None, [env.get("PYTHONPATH")])])
+    c0, t0 = _children_cpu(), time.perf_counter()
     out = subprocess.run([sys.executable, "-c", CHILD, str(path), str(n_prompt), str(threads), str(int(precompile))],
                          env=env, capture_output=True, text=True, check=True)
     wall = time.perf_counter() - t0
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    res["wall"] = wall
+    res["wall"], res["cpu"] = wall, _children_cpu() - c0
     return res
 
 
@@ -67,20 +78,24 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=1, help="cold + warm pairs per type")
     ap.add_argument("--precompile", action="store_true",
                     help="also runs that start cpu.precompile_async (prefill kernels in a background process)")
+    ap.add_argument("--qf-base", type=Path, help="also from this qf source tree (a baseline), alternated")
     args = ap.parse_args()
-    print(f"| model | run | to first token s | import s | load s | prompt ({args.n_prompt} tok) s |\n"
-          "|---|---|---|---|---|---|")
+    print(f"load average {os.getloadavg()[0]:.1f}\n")
+    print(f"| model | qf | run | to first token s | cpu s | import s | load s | prompt ({args.n_prompt} tok) s |\n"
+          "|---|---|---|---|---|---|---|---|")
+    trees = ([("base", args.qf_base)] if args.qf_base is not None else []) + [("this", None)]
     modes = (False, True) if args.precompile else (False,)
     for t in (x.strip() for x in args.types.split(",") if x.strip()):
         path = model_file(t)
         for _ in range(args.runs):
-            for pre in modes:
-                with tempfile.TemporaryDirectory(prefix="qf-numba-") as cache:
-                    for label in ("cold", "warm"):
-                        r = run_child(path, args.n_prompt, args.threads, cache, pre)
-                        name = label + (" + background precompile" if pre else "")
-                        print(f"| SmolLM2 {t} | {name} | {r['wall']:.1f} | {r['import']:.1f} | {r['load']:.1f} | "
-                              f"{r['prompt']:.1f} |", flush=True)
+            for tree, source in trees:
+                for pre in modes:
+                    with tempfile.TemporaryDirectory(prefix="qf-numba-") as cache:
+                        for label in ("cold", "warm"):
+                            r = run_child(path, args.n_prompt, args.threads, cache, pre, source)
+                            name = label + (" + background precompile" if pre else "")
+                            print(f"| SmolLM2 {t} | {tree} | {name} | {r['wall']:.1f} | {r['cpu']:.1f} | "
+                                  f"{r['import']:.1f} | {r['load']:.1f} | {r['prompt']:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -88,6 +88,7 @@ def main() -> None:
             for side, fn in sides.items():
                 for test, tps in fn(path).items():
                     runs.setdefault((name, test, side), []).append(tps)
+                    print(f"  {name} {test} {side}: {tps:.1f} t/s", file=sys.stderr, flush=True)
     print(f"\n{args.rounds} alternated rounds, {args.threads} threads; load average at the end "
           f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
     base = args.qf_base is not None

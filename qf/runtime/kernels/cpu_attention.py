@@ -23,6 +23,8 @@ and keeps a running max and sum per row (online softmax), so the work per key is
 from __future__ import annotations
 
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
@@ -377,39 +379,60 @@ def _flash_tile(q, kd, ks, vd, vs, tab, slot, pos0, scale, window, out, r0, r1, 
             out[r0 + i // group, h0 + i % group, d] = o[i, d] * inv
 
 
-@numba.njit(cache=True, parallel=True, fastmath=True, error_model="numpy")
-def attention_flash(q, kd, ks, vd, vs, tab, slot, pos0, scale, window, out, n_chunks):
+def attention_flash(q, kd, ks, vd, vs, tab, slot: int, pos0: int, scale: float, window: int, out,
+                    n_chunks: int) -> None:
     """Causal GQA attention of a chunk of one sequence: rows q [M, H, D] at positions pos0 .. pos0 + M - 1 of
     slot `slot` -> out [M, H, D] (D a multiple of 16); one job per (tile of QT rows, kv head), dealt in turn
-    to n_chunks parallel chunks (the thread count: later tiles see more keys, so turns even the load out)."""
-    dim = q.shape[2]
+    to n_chunks chunks (later tiles see more keys, so turns even the load out).
+
+    The chunks run on Python threads (`flash_jobs` releases the GIL): one call per layer and chunk is long
+    enough that a thread pool's start costs nothing measurable, and no numba parallel driver is compiled (a
+    parfor around these loops compiled for 4 s of a fresh install's first prompt).
+    """
     n_kv = kd.shape[1]
-    group = q.shape[1] // n_kv
-    n_tiles = (q.shape[0] + QT - 1) // QT
-    n_jobs = n_tiles * n_kv
-    r = QT * group + 1
-    n_par = min(n_jobs, n_chunks)
-    mat = np.zeros((n_par, 3 * r * dim + 2 * dim * KT + r * KT), np.float32)  # qs, o, kt, vt, s of each chunk
-    vec = np.zeros((n_par, 3 * r + dim), np.float32)  # mx, lsum, alpha, kbuf
-    for c in numba.prange(n_par):
-        _flash_jobs(q, kd, ks, vd, vs, tab, slot, pos0, np.float32(scale), window, out, c, n_par, mat[c], vec[c])
+    n_jobs = -(-q.shape[0] // QT) * n_kv
+    n_par = max(1, min(n_jobs, int(n_chunks)))
+    args = (q, kd, ks, vd, vs, tab, int(slot), int(pos0), np.float32(scale), int(window), out)
+    if n_par == 1:
+        flash_jobs(*args, 0, 1)
+        return
+    pool = _pool(n_par - 1)
+    futures = [pool.submit(flash_jobs, *args, c, n_par) for c in range(1, n_par)]
+    flash_jobs(*args, 0, n_par)
+    for f in futures:
+        f.result()
 
 
-@numba.njit(cache=True, fastmath=True, error_model="numpy")
-def _flash_jobs(q, kd, ks, vd, vs, tab, slot, pos0, scale, window, out, c, n_par, mat, vec):
-    """Jobs c, c + n_par, ... of attention_flash with one chunk's scratch (mat / vec: flat f32, carved here)."""
+_POOL: list[ThreadPoolExecutor] = []
+_POOL_LOCK = threading.Lock()
+
+
+def _pool(n: int) -> ThreadPoolExecutor:
+    """A process-wide pool of at least n worker threads (grown by replacement, never shrunk)."""
+    with _POOL_LOCK:
+        if not _POOL or _POOL[0]._max_workers < n:
+            old = _POOL[:]
+            _POOL[:] = [ThreadPoolExecutor(max_workers=n, thread_name_prefix="qf-attention")]
+            for p in old:
+                p.shutdown(wait=False)
+        return _POOL[0]
+
+
+@numba.njit(cache=True, fastmath=True, error_model="numpy", nogil=True)
+def flash_jobs(q, kd, ks, vd, vs, tab, slot, pos0, scale, window, out, c, n_par):
+    """Jobs c, c + n_par, ... of attention_flash, with this chunk's own scratch (runs without the GIL)."""
     dim = q.shape[2]
     n_kv = kd.shape[1]
     r = QT * (q.shape[1] // n_kv) + 1
-    qs = mat[:r * dim].reshape(r, dim)
-    o = mat[r * dim:2 * r * dim].reshape(r, dim)
-    kt = mat[2 * r * dim:2 * r * dim + dim * KT].reshape(dim, KT)
-    vt = mat[2 * r * dim + dim * KT:2 * r * dim + 2 * dim * KT].reshape(KT, dim)
-    s = mat[2 * r * dim + 2 * dim * KT:2 * r * dim + 2 * dim * KT + r * KT].reshape(r, KT)
-    mx = vec[:r]
-    lsum = vec[r:2 * r]
-    alpha = vec[2 * r:3 * r]
-    kbuf = vec[3 * r:]
+    qs = np.zeros((r, dim), np.float32)
+    o = np.zeros((r, dim), np.float32)
+    kt = np.zeros((dim, KT), np.float32)
+    vt = np.zeros((KT, dim), np.float32)
+    s = np.zeros((r, KT), np.float32)
+    mx = np.zeros(r, np.float32)
+    lsum = np.zeros(r, np.float32)
+    alpha = np.zeros(r, np.float32)
+    kbuf = np.zeros(dim, np.float32)
     n_jobs = (q.shape[0] + QT - 1) // QT * n_kv
     for job in range(c, n_jobs, n_par):
         t = job // n_kv
