@@ -231,3 +231,30 @@ def test_iq_mix_bytes_equal_llama_quantize(iq_sources, iq_imatrices, tmp_path, m
     _llama_quantize(iq_sources[model], tmp_path / "lc.gguf", qtype, ["--imatrix", imx])
     requantize(iq_sources[model], tmp_path / "ours.qf", qtype, imatrix=load_imatrix(imx))
     _compare(tmp_path / "lc.gguf", tmp_path / "ours.qf")
+
+
+# ------------------------------------------------------------------------------ IQ2 / IQ3 codecs, --pure
+# Every quantizable tensor at the mix's default type (rows that are not a multiple of 256 take llama.cpp's
+# fallback), so the bytes test the codecs rather than the mix rules. llama.cpp's IQ2_S file type defaults to
+# IQ2_XS tensors and IQ2_M to IQ2_S; without an importance matrix it refuses all but IQ3_S.
+
+IQ23 = {"IQ2_XXS": "IQ2_XXS", "IQ2_XS": "IQ2_XS", "IQ2_S": "IQ2_M", "IQ3_XXS": "IQ3_XXS", "IQ3_S": "IQ3_S"}
+IQ23_CASES = [(t, src) for t in IQ23 for src in ("llama-imatrix", "qimatrix")] + [("IQ3_S", None)]
+
+
+@pytest.mark.parametrize("codec,imatrix_from", IQ23_CASES)
+@pytest.mark.parametrize("model", ["aligned8", "smollm2"])
+def test_iq23_pure_bytes_equal_llama_quantize(iq_sources, iq_imatrices, tmp_path, model, codec, imatrix_from):
+    from qf.quant.imatrix import load_imatrix
+
+    ftype = IQ23[codec]
+    imx = None if imatrix_from is None else str(iq_imatrices[(model, imatrix_from)])
+    args, ov = ["--pure"] + (["--imatrix", imx] if imx else []), Overrides(pure=True)
+    if codec in ("IQ2_XXS", "IQ2_XS"):  # the embeddings have no importance: ggml would assert
+        args += ["--token-embedding-type", "q8_0", "--output-tensor-type", "q8_0"]
+        ov = Overrides(pure=True, output_type=GGMLType.Q8_0, token_embd_type=GGMLType.Q8_0)
+    _llama_quantize(iq_sources[model], tmp_path / "lc.gguf", ftype, args)
+    requantize(iq_sources[model], tmp_path / "ours.qf", ftype, ov, imatrix=load_imatrix(imx) if imx else None)
+    _compare(tmp_path / "lc.gguf", tmp_path / "ours.qf")
+    with open_gguf(tmp_path / "ours.qf") as f:
+        assert any(t.type == GGMLType[codec] for t in f.tensors.values())

@@ -6,8 +6,11 @@ IQ2_S 0.25 * sigma2 + x^2); signs split off (IQ2_XXS / IQ2_XS / IQ3_XXS flip the
 group of 8 has an even count: 7 stored bits); |x| rounded to the lattice at trial scales, each point off the grid
 replaced by its best neighbour from ggml's tables (qf.quant.iq_neighbours); the scale refitted by weighted least
 squares; finally the super-block scale d = max / 31 (times a per-type fudge) with 4-bit sub-block codes.
-IQ2_XXS and IQ2_XS require importance (ggml asserts it); the others use it when given. Float32 operations in ggml's
-order (no FMA), so the bytes are ggml's.
+IQ2_XXS and IQ2_XS require importance (ggml asserts it); the others use it when given (llama-quantize itself
+refuses IQ2_S and IQ3_XXS tensors without one: a file-level rule, qf.quant.mixes). Float32 operations in ggml's
+order (no FMA), so the bytes are ggml's, quirks included: after an all-zero sub-block IQ3_S writes the later
+sub-blocks' grid low bytes and signs one sub-block early (ggml advances those pointers only for sub-blocks it
+writes; the high grid bits stay in place), so such blocks decode as llama.cpp's do.
 """
 
 from __future__ import annotations
@@ -145,14 +148,13 @@ def _signs(xb, weight, xval, bs, seven, block_signs):
 
 
 @njit(cache=True, error_model="numpy")
-def _sub_block(xb, weight, xval, waux, L, Laux, on_grid, on_grid_aux, block_signs, p_kmaxq, bits, eps, step, ntry,
+def _sub_block(xb, weight, xval, waux, L, Laux, on_grid, on_grid_aux, block_signs, kmaxq, bits, eps, step, ntry,
                seven, qp_seed, refit, points, kmap, neighbours, gidx):
     """One sub-block of ggml's search -> (scale, status): WRITTEN (grid indices in gidx, signs in block_signs),
     SKIPPED (all zero: nothing stored) or FAILED (where ggml asserts or aborts)."""
     bs = xb.shape[0]
     dims = points.shape[1]
     ng = bs // dims
-    kmaxq = p_kmaxq
     for i in range(bs):
         waux[i] = np.sqrt(weight[i])
     _signs(xb, weight, xval, bs, seven, block_signs)
@@ -257,8 +259,8 @@ def _search(x, qw, use_qw, bs, kmaxq, bits, sigma_factor, eps, step, ntry, seven
                     weight[i] = qw[ibl, bs * ib + i] * np.sqrt(sigma2 + xb[i] * xb[i])
                 else:
                     weight[i] = extra * sigma2 + xb[i] * xb[i] if extra > 0 else xb[i] * xb[i]
-            scale, status = _sub_block(xb, weight, xval, waux, L, Laux, on_grid, on_grid_aux, block_signs, kmaxq, bits,
-                                   eps, step, ntry, seven, qp_seed, refit, points, kmap, neighbours, gidx)
+            scale, status = _sub_block(xb, weight, xval, waux, L, Laux, on_grid, on_grid_aux, block_signs, kmaxq,
+                                       bits, eps, step, ntry, seven, qp_seed, refit, points, kmap, neighbours, gidx)
             if status == FAILED:
                 err[ibl] = 1
                 break
