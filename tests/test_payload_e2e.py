@@ -11,7 +11,8 @@ load), and our perplexity on the first chunks of the Jargon File evaluation slic
 transformers' on the same tokens. The reference runs with compressed-tensors' fake quantization disabled
 after decompression: FP8 "dynamic" checkpoints ask for each linear's input to be quantized to FP8 per token,
 which transformers simulates and our runtime does not (it keeps f32 activations, as for every payload); that
-perplexity is recorded as a figure (`ppl_transformers_with_activation_qdq`). Figures are printed (-s) and written to cache_dir()/e2e/figures.json.
+perplexity is recorded as a figure (`ppl_transformers_with_activation_qdq`). Figures are printed (-s) and
+written to cache_dir()/e2e/figures.json.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from qf.eval.perplexity import perplexity, plan_chunks
 PYTHON = os.environ.get("QF_PAYLOAD_E2E")
 pytestmark = pytest.mark.skipif(not PYTHON, reason="set QF_PAYLOAD_E2E to a Python that imports llmcompressor")
 
-RECIPES = ["fp8_dynamic", "fp8_block", "w4a16_rtn_g64"] + [  # GPTQ: ~1 h each on a busy 2-core box
+RECIPES = ["fp8_dynamic", "fp8_block", "w4a16_rtn_g64"] + [  # GPTQ: ~1 h each on a loaded 2-core box
     r for r, env in (("w4a16_gptq_g64", "QF_PAYLOAD_E2E_GPTQ"), ("w4a16_gptq_g64_actorder", "QF_PAYLOAD_E2E_ACTORDER"))
     if os.environ.get(env)]
 PROMPT = "The Jargon File is a glossary of"
@@ -130,7 +131,8 @@ def test_llmcompressor_checkpoint_runs_as_transformers(smollm2_hf, tmp_path, rec
     ppl_hf = perplexity(_hf_logits(hf), tokens, plan).ppl
     hf.apply(enable_quantization)
     fig = {"schemes": schemes, "attn_q types": types, "ppl_qf": round(ppl_ours, 4), "ppl_transformers":
-           round(ppl_hf, 4), "ppl_rel_diff": round(ppl_ours / ppl_hf - 1, 6), "greedy_equal": ours == theirs[:len(ours)],
+           round(ppl_hf, 4), "ppl_rel_diff": round(ppl_ours / ppl_hf - 1, 6),
+           "greedy_equal": ours == theirs[:len(ours)],
            "ppl_transformers_with_activation_qdq": ppl_qdq,
            "n_chunks": plan.n_chunks, "n_ctx": N_CTX, "notes": list(getattr(summary, "notes", ()))[:3]}
     _record(recipe, fig)

@@ -27,7 +27,8 @@ from qf.format.errors import ModelError
 from qf.quant.formats.base import scales_f32
 from qf.quant.formats.fp8 import E4M3
 from qf.runtime.kernels.cpu_payload_simd import (
-    E4M3_SCALE, Fp8Kind, PayloadKind, code16, ld_e4m3_x2, ld_e4m3_x2_n, ld_scales, ld_words, ld_words_n, per_word, word_code,
+    E4M3_SCALE, Fp8Kind, PayloadKind, code16, ld_e4m3_x2, ld_e4m3_x2_n, ld_scales, ld_words, ld_words_n, per_word,
+    word_code,
 )
 from qf.runtime.kernels.cpu_simd import prefetch, vadd, vfma, vload, vmul, vsplat, vstore, vsum, vzero
 
