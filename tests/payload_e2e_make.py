@@ -5,7 +5,8 @@
 RECIPE: w4a16_rtn_g64 (round to nearest, 4 bits, group 64, symmetric), w4a16_gptq_g64 (GPTQ, the same grid),
 w4a16_gptq_g64_actorder (the same with actorder=group: a weight_g_idx), fp8_dynamic (FP8 channel weights,
 dynamic per-token activations), fp8_block (FP8 128x128 block weights). Calibration (GPTQ only): the Jargon
-File calibration slice (qf.eval.text), cut into `samples` windows of `seq` tokens. The folder is written next to OUT and renamed into place at the end.
+File calibration slice (qf.eval.text), cut into `samples` windows of `seq` tokens. The folder is written
+next to OUT and renamed into place at the end.
 """
 
 from __future__ import annotations
