@@ -47,6 +47,19 @@ def test_statistics_are_the_sums_of_input_squares(tiny_f32, tmp_path):
     assert np.allclose(stats.sums["blk.0.attn_q.weight"], want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("qtype", ["Q8_0", "F16"])
+def test_merged_products_are_collected(tiny_checkpoint, tmp_path, qtype):
+    """Quantized weights take the backend's merged Q/K/V and gate/up products: each weight still gets its rows."""
+    path = convert(tiny_checkpoint(layers=2), tmp_path / f"tiny-{qtype}.qf", qtype).path
+    stats, _ = compute_imatrix(path, TEXT, n_ctx=N_CTX, max_chunks=2, n_threads=1)
+    names = {f"blk.{b}.{w}.weight" for b in range(2)
+             for w in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
+    assert set(stats.sums) == names and all(c == 2 * N_CTX for c in stats.counts.values())
+    for b in range(2):
+        assert np.array_equal(stats.sums[f"blk.{b}.attn_q.weight"], stats.sums[f"blk.{b}.attn_k.weight"])
+        assert np.array_equal(stats.sums[f"blk.{b}.ffn_gate.weight"], stats.sums[f"blk.{b}.ffn_up.weight"])
+
+
 def test_file_round_trips_with_process_output(tiny_checkpoint, tmp_path):
     untied = convert(tiny_checkpoint(tied=False), tmp_path / "untied.qf", "F32").path
     stats, n = compute_imatrix(untied, TEXT, n_ctx=N_CTX, max_chunks=2, n_threads=1, process_output=True)

@@ -9,7 +9,7 @@ does (BOS in front of each chunk when the model adds one); each chunk is evaluat
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,17 @@ class CollectingBackend(CpuBackend):
         if name is not None and x.shape[0] >= MIN_TOKENS:
             self.stats.add(name, x)
         return super().linear(w, x, bias, exact_rows)
+
+    def linears(self, ws: Sequence[Any], x: np.ndarray, biases: Sequence[np.ndarray | None],
+                exact_rows: bool = False) -> list[np.ndarray]:
+        """The merged products (Q/K/V, gate/up) of the CPU backend, after adding x's squares to each weight's
+        statistics: llama-imatrix sees one product per weight."""
+        if x.shape[0] >= MIN_TOKENS:
+            for w in ws:
+                name = self._names.get(id(w))
+                if name is not None:
+                    self.stats.add(name, x)
+        return super().linears(ws, x, biases, exact_rows)
 
 
 def compute_imatrix(model_path: str | os.PathLike, text: str, n_ctx: int = 512, max_chunks: int | None = None,
