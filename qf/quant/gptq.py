@@ -100,8 +100,8 @@ def _blas_single_thread():
 
 
 def _inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
-    """Upper U with U^T U = (H + damp * mean(diag) I)^-1 in H's dtype (f32 as GPTQ's reference implementation);
-    damping grows until H is positive definite.
+    """Upper U with U^T U = (H + damp * mean(diag) I)^-1 in H's dtype (f64 here: on SmolLM2's Hessians an f32
+    factorization cost 3.6 points of recovered perplexity gap); damping grows until H is positive definite.
 
     With J the reversal, J H J = M M^T (M lower) gives H = R R^T with R = J M J upper, so H^-1 = R^-T R^-1
     and U = R^-1: one Cholesky and one triangular inverse."""
@@ -164,8 +164,8 @@ def gptq(w: np.ndarray, h: np.ndarray, grid: Grid, block: int = DEFAULT_BLOCK, d
             cols = np.arange(c0, min(n, c0 + g))
             grid.fit(w[:, cols], cols, importance[cols])
     perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(n)
-    w, hp = w[:, perm], h.astype(np.float32)[np.ix_(perm, perm)]
-    u = _inverse_cholesky(hp, damp)  # u: f32 [n, n] upper
+    w, hp = w[:, perm], h[np.ix_(perm, perm)]
+    u = _inverse_cholesky(hp, damp).astype(np.float32)  # u: [n, n] upper, factorized in f64
     fit_inline = grid.group > 0 and not static_groups
     if fit_inline:
         block = g * max(1, -(-block // g))  # whole groups per block: a group is fitted on up-to-date columns
