@@ -9,6 +9,7 @@ model shape the opt-in test does not build (70B, 8 experts, Falcon), read off ll
 from __future__ import annotations
 
 import gguf
+import numpy as np
 import pytest
 
 from qf.format.errors import QFError
@@ -102,3 +103,29 @@ def test_iq3_xxs_without_imatrix_rules() -> None:
     assert choose_type(mix, ctx("blk.1.ffn_down.weight", layer=1, has_imatrix=False), ALL) == T.Q4_K
     assert choose_type(mix, ctx("blk.9.ffn_down.weight", layer=9, has_imatrix=False), ALL) == T.Q3_K
     assert choose_type(mix, ctx("blk.9.ffn_down.weight", layer=9), ALL) == T.IQ3_XXS
+
+
+def test_imatrix_missing_a_needed_tensor_is_refused(tiny_checkpoint, tmp_path) -> None:
+    """llama.cpp's per-tensor check: an imatrix is given but has no entry for a tensor the mix writes at a type that
+    needs one ("Missing importance matrix for tensor ..."); nothing is written. With the entry, the file is made."""
+    from qf.convert.pipeline import convert
+    from qf.format.errors import QFError
+    from qf.quant.imatrix import load_imatrix, write_imatrix
+    from qf.quant.requantize import requantize
+
+    src = convert(tiny_checkpoint(config={"hidden_size": 256, "intermediate_size": 512}), tmp_path / "f16.qf",
+                  "F16").path
+    names = [f"blk.{b}.{w}.weight" for b in range(2)
+             for w in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")]
+    n_in = {"attn_output": 256, "ffn_down": 512}
+    sums = {n: np.ones(n_in.get(n.split(".")[2], 256), np.float64) for n in names}
+    counts = dict.fromkeys(names, 1)
+    full = load_imatrix(write_imatrix(tmp_path / "full.gguf", sums, counts, ["t"], 1, 32))
+    del sums["blk.1.ffn_up.weight"], counts["blk.1.ffn_up.weight"]
+    partial = load_imatrix(write_imatrix(tmp_path / "partial.gguf", sums, counts, ["t"], 1, 32))
+    out = tmp_path / "iq2s.qf"
+    with pytest.raises(QFError, match="Missing importance matrix for tensor blk.1.ffn_up.weight"):
+        requantize(src, out, "IQ2_S", imatrix=partial)
+    assert not out.exists()
+    requantize(src, out, "IQ2_S", imatrix=full)
+    assert out.exists()

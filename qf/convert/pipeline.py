@@ -31,7 +31,7 @@ from qf.quant.codecs import get_codec, registered_types
 from qf.quant.formats import fold_payloads, member_name, payload_kv
 from qf.quant.formats.transcode import RULES, encode_rows
 from qf.quant.imatrix import ImportanceMatrix
-from qf.quant.mixes import Mix, TensorCtx, choose_type, file_type, get_mix
+from qf.quant.mixes import Mix, TensorCtx, check_importance, choose_type, file_type, get_mix
 from qf.quant.tensor_plan import (  # noqa: F401  (re-exported: the planning types live in qf.quant)
     CHUNK_ELEMENTS, QUANTIZATION_VERSION, ConvertSummary, PlannedTensor, Progress, summarize, write_tensors,
 )
@@ -204,6 +204,8 @@ def _plan_tensors(spec: ArchSpec, ckpt: Checkpoint, cfg: dict[str, Any], hp: dic
         ctx = TensorCtx(name, ne, layer, n_layers, tied, n_gqa, n_expert, has_imatrix=imatrix is not None)
         qt = choose_type(mix, ctx, avail)
         imp = imatrix.for_tensor(name, ne) if imatrix is not None and qt not in UNWEIGHTED else None
+        if imatrix is not None:
+            check_importance(mix, name, qt, imp)
         t = PlannedTensor(name, ne, qt, hf, None if heads_key is None else int(hp[heads_key]),
                           shift=float(spec.value_shift.get(suffix, 0.0)), importance=imp,
                           parts=tuple(h for _, h in parts) if stacked else ())

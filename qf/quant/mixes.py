@@ -489,6 +489,13 @@ def choose_type(mix: Mix, c: TensorCtx, available: Iterable[GGMLType],
     return t
 
 
+def check_importance(mix: Mix, name: str, t: GGMLType, importance: object | None) -> None:
+    """llama.cpp's per-tensor check: an importance matrix was given but holds no entry for a tensor that needs one."""
+    if importance is None and requires_imatrix(mix, name, t):
+        raise QFError(f"Missing importance matrix for tensor {name} in a very low-bit quantization ({t.name}): "
+                      f"the importance matrix has no entry for it")
+
+
 def requires_imatrix(mix: Mix, name: str, t: GGMLType) -> bool:
     """llama.cpp's tensor_requires_imatrix: whether tensor `name` at type t needs importance under this mix."""
     return name not in IMATRIX_EXEMPT and t in mix.needs_imatrix

@@ -32,7 +32,8 @@ from qf.format.values import ALIGNMENT_KEY
 from qf.format.values import GGUFValueType as V
 from qf.quant.codecs import get_codec, registered_types
 from qf.quant.imatrix import KV_KEYS, ImportanceMatrix
-from qf.quant.mixes import Overrides, TensorCtx, choose_type, file_type, get_mix, layer_of, with_counters
+from qf.quant.mixes import (Overrides, TensorCtx, check_importance, choose_type, file_type, get_mix, layer_of,
+                            with_counters)
 from qf.quant.tensor_plan import (
     CHUNK_ELEMENTS, KV, QUANTIZATION_VERSION, ConvertSummary, PlannedTensor, Progress, summarize, write_tensors,
 )
@@ -176,6 +177,8 @@ def plan_requantize(f: GGUFFile, qtype: str, overrides: Overrides | None = None,
             elif src not in FLOAT_SOURCES:
                 requantized.append(c.name)
         imp = imatrix.for_tensor(c.name, tuple(c.ne)) if imatrix is not None and t != src else None
+        if imatrix is not None and t != src:
+            check_importance(mix, c.name, t, imp)
         tensors.append(PlannedTensor(c.name, tuple(c.ne), t, source=c.name, importance=imp))
     if no_codec:
         raise ConvertError(f"{f.path}: cannot read tensors of a type with no codec here: {', '.join(no_codec[:10])}")
