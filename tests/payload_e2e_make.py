@@ -3,7 +3,9 @@
     python tests/payload_e2e_make.py SRC OUT RECIPE [--samples 16] [--seq 512]
 
 RECIPE: w4a16_rtn_g64 (round to nearest, 4 bits, group 64, symmetric), w4a16_gptq_g64 (GPTQ, the same grid),
-w4a16_gptq_g64_actorder (the same with actorder=group: a weight_g_idx), fp8_dynamic (FP8 channel weights,
+w4a16_gptq_g64_actorder (the same with actorder=weight: columns in Hessian order with static groups;
+llm-compressor 0.14 removed actorder=group, the variant that stored a weight_g_idx, and its GPTQ default is
+actorder=static, the same thing: both recipes write identical bytes), fp8_dynamic (FP8 channel weights,
 dynamic per-token activations), fp8_block (FP8 128x128 block weights). Calibration (GPTQ only): the Jargon
 File calibration slice (qf.eval.text), cut into `samples` windows of `seq` tokens. The folder is written
 next to OUT and renamed into place at the end.
@@ -25,7 +27,7 @@ def _w4_group(actorder: bool) -> Any:
 
     weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64}
     if actorder:
-        weights["actorder"] = "group"
+        weights["actorder"] = "weight"
     return GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
                         ignore=["lm_head"], dampening_frac=0.01)
 
