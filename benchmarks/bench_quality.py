@@ -11,12 +11,20 @@ the timing). With the rotated reference, the unrotated F16 is scored too: its KL
 itself changes. --reference widened widens the residual stream from 576 to 768 instead (qf.eval.widen: zero-pad
 and random rotation, the same function), so that every matrix reading the residual stream has 256-aligned rows
 and the 256-block types (K, IQ) apply where SmolLM2's own width sends them to 32-block fallbacks.
---imatrix-all converts every quantized type with the qimatrix importance matrix (the IQ1/IQ2/IQ3_XXS/XS and
-Q2_K_S mixes refuse to run without one, as llama.cpp does); the IQ rows of the README come from
-`--reference widened --imatrix-all --types IQ4_XS,IQ4_NL,IQ3_M,IQ3_S,...`. --imatrix-types Q4_K_M,Q2_K adds rows for those types quantized with an importance matrix
-that qimatrix computes from the F16 over the calibration slice (disjoint from the evaluation slice). Writes into --out: the .qf files, `results.json`, `quality.md` (the table, also printed) and
-`kld_vs_bpw.png` (needs matplotlib, an optional benchmark dependency: `pip install matplotlib`; without it the
-plot is skipped). Not part of the test suite. At the defaults (6 chunks of 512, qbench pp256/tg16 x2) the 16
+--imatrix-all converts every quantized type with an importance matrix (the IQ1/IQ2/IQ3_XXS/XS and Q2_K_S mixes
+refuse to run without one, as llama.cpp does): qimatrix's on the reference F16 over the calibration slice
+(disjoint from the evaluation slice; --imatrix-chunks), or --imatrix FILE (e.g. llama-imatrix's). The README's
+table of every mix on the widened reference comes from
+
+    python benchmarks/bench_quality.py --reference widened --imatrix-all --no-speed --threads 2 \\
+        --imatrix-chunks 16 --out /tmp/iqq/widened
+
+--imatrix-types Q4_K_M,Q2_K adds `T+imatrix` rows for those types quantized with that importance matrix. --seed
+changes the rotation (for the spread across rotations). Writes into --out: `results.json`, `quality.md` (the
+table, also printed) and `kld_vs_bpw.svg` (benchmarks/plot_quality.py, which also prints the README's short
+table). Each type's row is saved as row-T.json as soon as it is measured, and a run started again with the same
+--out reuses those rows (delete them to measure again); the quantized .qf files are deleted once scored unless
+--keep-models. Not part of the test suite. At the defaults (6 chunks of 512, qbench pp256/tg16 x2) the 16
 types took 506 s wall (673 s CPU) on 2 cores; fewer --chunks or --types make it shorter.
 Each qperplexity and qbench run is a child process so that its peak RSS is its own (os.wait4); the table's
 RSS column is qbench's (model loaded, prefill + decode), the evaluation's own peak is in results.json.
@@ -75,8 +83,8 @@ def run_child(cmd: list[str], log: Path) -> tuple[int, float, int]:
     return proc.returncode, time.perf_counter() - t0, usage.ru_maxrss * 1024
 
 
-def export_reference(out: Path, reference: str) -> tuple[Path, Path, float]:
-    """SmolLM2 GGUF -> HF folder (f32 weights), rotated or widened unless reference is 'raw'; (hf, raw hf, s)."""
+def export_reference(out: Path, reference: str, seed: int = 0) -> tuple[Path, Path, float]:
+    """SmolLM2 GGUF -> HF folder (f32 weights), rotated or widened (seeded) unless 'raw'; (hf, raw hf, s)."""
     from qf.convert.export import export_hf
     from qf.eval.rotate import rotate_checkpoint
     from qf.eval.widen import widen_checkpoint
@@ -84,14 +92,19 @@ def export_reference(out: Path, reference: str) -> tuple[Path, Path, float]:
     t0 = time.perf_counter()
     raw = export_hf(fetch_model(), out / "hf-raw", dtype="float32", overwrite=True)
     make = {"raw": lambda: raw,
-            "rotated": lambda: rotate_checkpoint(raw, out / "hf-rotated", seed=0, overwrite=True),
-            "widened": lambda: widen_checkpoint(raw, out / "hf-widened", width=768, seed=0, overwrite=True)}
+            "rotated": lambda: rotate_checkpoint(raw, out / "hf-rotated", seed=seed, overwrite=True),
+            "widened": lambda: widen_checkpoint(raw, out / "hf-widened", width=768, seed=seed, overwrite=True)}
     return make[reference](), raw, time.perf_counter() - t0
 
 
 def make_imatrix(out: Path, args: argparse.Namespace) -> Path:
-    """qimatrix on the reference F16 over the calibration slice (disjoint from the evaluation slice)."""
+    """--imatrix, else qimatrix on the reference F16 over the calibration slice (disjoint from the evaluation
+    slice); an imatrix.gguf left in --out by an earlier run is reused."""
+    if args.imatrix is not None:
+        return args.imatrix
     path = out / "imatrix.gguf"
+    if path.is_file():
+        return path
     cmd = [sys.executable, "-m", "qf.tools.qimatrix", str(out / f"smollm2-{REFERENCE}.qf"), "--slice", "calibration",
            "-o", str(path), "-c", str(args.ctx), "--chunks", str(args.imatrix_chunks), "-t", str(args.threads)]
     rc, secs, _ = run_child(cmd, out / "imatrix.log")
@@ -101,24 +114,25 @@ def make_imatrix(out: Path, args: argparse.Namespace) -> Path:
     return path
 
 
-def convert_all(hf: Path, out: Path, types: list[str], raw: Path | None,
-                imatrix: tuple[Path, list[str]] | None = None, every: Path | None = None) -> dict[str, dict]:
-    """Convert to each type in-process (raw to F16 as UNROTATED, and `T+imatrix` rows; with `every`, each of
-    `types` with that importance matrix); size, bits/weight, convert seconds."""
+def conversion_jobs(hf: Path, types: list[str], raw: Path | None, imatrix: Path | None,
+                    imatrix_types: list[str], every: bool) -> list[tuple[str, Path, str, Path | None]]:
+    """(row name, source folder, --type, importance file or None): `types` (with the importance matrix when
+    `every`), the unrotated F16 when `raw` is given, and `T+imatrix` rows for `imatrix_types`."""
+    jobs = [(t, hf, t, imatrix if every and t != REFERENCE else None) for t in types]
+    jobs += [(UNROTATED, raw, REFERENCE, None)] if raw is not None else []
+    return jobs + [(f"{t}+imatrix", hf, t, imatrix) for t in imatrix_types]
+
+
+def convert_one(name: str, src: Path, qtype: str, imatrix: Path | None, out: Path) -> dict:
+    """Convert in-process; size, bits/weight, convert seconds and tensor types of the file."""
     from qf.convert.pipeline import convert
     from qf.quant.imatrix import load_imatrix
-    rows = {}
-    imx_all = None if every is None else load_imatrix(every)
-    jobs = [(t, hf, t, imx_all) for t in types] + ([(UNROTATED, raw, REFERENCE, None)] if raw is not None else [])
-    if imatrix is not None:
-        jobs += [(f"{t}+imatrix", hf, t, load_imatrix(imatrix[0])) for t in imatrix[1]]
-    for t, src, qtype, imx in jobs:
-        s = convert(src, out / f"smollm2-{t.replace(' ', '-')}.qf", qtype, imatrix=imx)
-        rows[t] = {"path": str(s.path), "file_bytes": s.file_bytes, "bpw": s.bits_per_weight,
-                   "convert_s": s.seconds, "types": dict(s.types)}
-        print(f"converted {t}: {s.file_bytes / 2**20:.1f} MiB, {s.bits_per_weight:.2f} bpw, {s.seconds:.1f} s",
-              file=sys.stderr)
-    return rows
+    s = convert(src, out / f"smollm2-{name.replace(' ', '-')}.qf", qtype,
+                imatrix=None if imatrix is None else load_imatrix(imatrix))
+    print(f"converted {name}: {s.file_bytes / 2**20:.1f} MiB, {s.bits_per_weight:.2f} bpw, {s.seconds:.1f} s",
+          file=sys.stderr)
+    return {"path": str(s.path), "file_bytes": s.file_bytes, "bpw": s.bits_per_weight, "convert_s": s.seconds,
+            "types": dict(s.types), "imatrix": None if imatrix is None else str(imatrix)}
 
 
 def score(model: Path, t: str, out: Path, args: argparse.Namespace, text: Path) -> dict:
@@ -181,36 +195,11 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
                      f"{_type_counts(r['types'])} |")
     lines += ["", CAVEAT[args.reference]]
     if args.imatrix_all:
-        lines += ["", f"Every quantized type used the qimatrix importance matrix ({args.imatrix_chunks} chunks of "
-                      f"{args.ctx} from the calibration slice)."]
+        src = (f"the importance matrix {args.imatrix}" if args.imatrix else
+               f"the qimatrix importance matrix ({args.imatrix_chunks} chunks of {args.ctx} from the calibration "
+               "slice)")
+        lines += ["", f"Every quantized type used {src}."]
     return "\n".join(lines) + "\n"
-
-
-def plot(rows: list[dict], path: Path) -> bool:
-    """KLD vs bits per weight (log y); False when matplotlib is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    pts = sorted((r for r in rows if r["type"] != REFERENCE and r["kld"] > 0), key=lambda r: -r["bpw"])
-    fig, ax = plt.subplots(figsize=(8, 5))
-    colors, markers = plt.get_cmap("tab20").colors, "osD^v<>p"
-    for i, r in enumerate(pts):  # one legend entry per type: the low-bit types cluster too tightly for labels
-        ax.errorbar([r["bpw"]], [r["kld"]], yerr=[r["kld_err"]], fmt=markers[i % len(markers)],
-                    color=colors[i % len(colors)], label=f"{r['type']} ({r['bpw']:.2f})")
-    ax.legend(fontsize=7, title="type (bits/weight)", title_fontsize=7, loc="upper left",
-              bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    ax.set_yscale("log")
-    ax.set_xlabel("bits per weight")
-    ax.set_ylabel(f"mean KLD vs {REFERENCE}")
-    ax.set_title("SmolLM2-135M: KL divergence vs size")
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
 
 
 def parse_args() -> argparse.Namespace:
@@ -235,6 +224,10 @@ def parse_args() -> argparse.Namespace:
                     help="comma-separated types to convert again with an importance matrix (qimatrix on the F16 "
                          "over the calibration slice), as extra 'T+imatrix' rows")
     ap.add_argument("--imatrix-chunks", type=int, default=40, help="qimatrix chunks (of --ctx tokens)")
+    ap.add_argument("--imatrix", type=Path, default=None,
+                    help="use this importance matrix (e.g. llama-imatrix's on the reference F16) instead of qimatrix")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the rotation (rotated and widened references)")
+    ap.add_argument("--keep-models", action="store_true", help="keep each quantized .qf (deleted once scored)")
     return ap.parse_args()
 
 
@@ -258,35 +251,56 @@ def cpu_seconds() -> float:
                for f in ("ru_utime", "ru_stime"))
 
 
+def measure(job: tuple[str, Path, str, Path | None], out: Path, args: argparse.Namespace, text: Path) -> dict:
+    """One table row: convert, score and time one type; cached in --out as row-T.json so that a run resumes."""
+    name = job[0]
+    cache = out / f"row-{name.replace(' ', '-')}.json"
+    if cache.is_file():
+        print(f"{name}: reusing {cache}", file=sys.stderr)
+        return json.loads(cache.read_text())
+    conv = convert_one(*job, out)
+    model = Path(conv["path"])
+    row = {"type": name, **conv, **score(model, name, out, args, text), **speed(model, name, out, args)}
+    if name != REFERENCE and not args.keep_models:
+        model.unlink()
+    cache.write_text(json.dumps(row, default=str))
+    return row
+
+
+def write_outputs(rows: list[dict], out: Path, args: argparse.Namespace) -> str:
+    """quality.md, results.json and kld_vs_bpw.svg (benchmarks/plot_quality.py) from the rows so far."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from plot_quality import write_svg
+    md = table(rows, args)
+    (out / "quality.md").write_text(md)
+    (out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                  "rows": rows}, indent=2, default=str))
+    write_svg(rows, out / "kld_vs_bpw.svg", title=f"SmolLM2-135M ({args.reference} reference): KLD vs F16")
+    return md
+
+
 def main() -> None:
-    """Export, convert, score and time every type; print and write the table, JSON and plot."""
+    """Export, convert, score and time every type (resuming from row-*.json); write the table, JSON and plot."""
     from qf.eval.text import write_slice
     args, t_start = parse_args(), time.perf_counter()
     types, out = select_types(args.types), args.out
     out.mkdir(parents=True, exist_ok=True)
     text = write_slice("evaluation", out / "eval.txt")
-    hf, raw, export_s = export_reference(out, args.reference)
+    hf, raw, export_s = export_reference(out, args.reference, args.seed)
     print(f"exported HF folder in {export_s:.1f} s; types: {', '.join(types)}", file=sys.stderr)
-    conv = convert_all(hf, out, [REFERENCE], None if args.reference == "raw" else raw)
+    rows = [measure((REFERENCE, hf, REFERENCE, None), out, args, text)]
     imx_types = [t.strip().upper() for t in args.imatrix_types.split(",") if t.strip()]
     imx = make_imatrix(out, args) if imx_types or args.imatrix_all else None
-    conv |= convert_all(hf, out, types[1:], None, (imx, imx_types) if imx_types else None,
-                        imx if args.imatrix_all else None)
-    rows = []
-    for t in conv:
-        model = Path(conv[t]["path"])
-        rows.append({"type": t, **conv[t], **score(model, t, out, args, text), **speed(model, t, out, args)})
-        print(f"{t}: PPL {rows[-1]['ppl']:.4f}" + ("" if t == REFERENCE else f", KLD {rows[-1]['kld']:.5f}")
-              + f" ({time.perf_counter() - t_start:.0f} s so far)", file=sys.stderr)
-    md = table(rows, args)
-    (out / "quality.md").write_text(md)
-    (out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                  "rows": rows}, indent=2, default=str))
-    plotted = plot(rows, out / "kld_vs_bpw.png")
+    for job in conversion_jobs(hf, types[1:], None if args.reference == "raw" else raw, imx, imx_types,
+                               args.imatrix_all):
+        rows.append(measure(job, out, args, text))
+        print(f"{job[0]}: PPL {rows[-1]['ppl']:.4f}, KLD {rows[-1]['kld']:.5f}"
+              f" ({time.perf_counter() - t_start:.0f} s so far)", file=sys.stderr)
+        write_outputs(rows, out, args)
+    md = write_outputs(rows, out, args)
     print(md)
     print(f"total {time.perf_counter() - t_start:.0f} s wall, {cpu_seconds():.0f} s CPU (all processes); wrote "
-          f"{out / 'quality.md'}, {out / 'results.json'}"
-          + (f", {out / 'kld_vs_bpw.png'}" if plotted else " (no plot: pip install matplotlib)"), file=sys.stderr)
+          f"{out / 'quality.md'}, {out / 'results.json'}, {out / 'kld_vs_bpw.svg'}", file=sys.stderr)
 
 
 if __name__ == "__main__":
