@@ -5,7 +5,9 @@ our runtime answers as transformers does on the same checkpoint.
 
 The Python named by QF_PAYLOAD_E2E must import llmcompressor (0.14 was used: a venv with
 --system-site-packages and torch pinned to the installed one). It runs tests/payload_e2e_make.py once per
-recipe; checkpoints are cached under cache_dir()/e2e, keyed by the SmolLM2 export they came from. For each
+recipe (GPTQ, act-order GPTQ and AWQ each also need QF_PAYLOAD_E2E_GPTQ / _ACTORDER / _AWQ set: they take from
+half an hour to an hour here); checkpoints are cached under cache_dir()/e2e, keyed by the SmolLM2 export they
+came from. AWQ's checkpoint is asymmetric (zero points): it stays the native `int` payload. For each
 recipe: greedy tokens of our runtime equal transformers' (compressed-tensors decompresses the checkpoint on
 load), and our perplexity on the first chunks of the Jargon File evaluation slice is within 0.5% of
 transformers' on the same tokens. The reference runs with compressed-tensors' fake quantization disabled
@@ -17,6 +19,7 @@ written to cache_dir()/e2e/figures.json.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -33,8 +36,12 @@ PYTHON = os.environ.get("QF_PAYLOAD_E2E")
 pytestmark = pytest.mark.skipif(not PYTHON, reason="set QF_PAYLOAD_E2E to a Python that imports llmcompressor")
 
 RECIPES = ["fp8_dynamic", "fp8_block", "w4a16_rtn_g64"] + [  # GPTQ: ~1 h each on a loaded 2-core box
-    r for r, env in (("w4a16_gptq_g64", "QF_PAYLOAD_E2E_GPTQ"), ("w4a16_gptq_g64_actorder", "QF_PAYLOAD_E2E_ACTORDER"))
+    r for r, env in (("w4a16_gptq_g64", "QF_PAYLOAD_E2E_GPTQ"), ("w4a16_gptq_g64_actorder", "QF_PAYLOAD_E2E_ACTORDER"),
+                     ("w4a16_awq_g64", "QF_PAYLOAD_E2E_AWQ"))
     if os.environ.get(env)]
+# llm-compressor's AWQ runs each block once per grid point (20) per mapping (4): 4 x 512 calibration tokens keep it
+# near half an hour on one core; the checkpoint's format, not its quality, is under test here.
+MAKE_ARGS = {"w4a16_awq_g64": ["--samples", "4"]}
 PROMPT = "The Jargon File is a glossary of"
 N_GEN = 24
 N_CTX, N_CHUNKS = 512, int(os.environ.get("QF_PAYLOAD_E2E_CHUNKS", "3"))
@@ -49,17 +56,33 @@ def _checkpoint(src: Path, recipe: str) -> Path:
     if not (out / "config.json").is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
-        subprocess.run(["nice", "-n", "5", PYTHON, str(HERE / "payload_e2e_make.py"), str(src), str(out), recipe],
+        subprocess.run(["nice", "-n", "5", PYTHON, str(HERE / "payload_e2e_make.py"), str(src), str(out), recipe,
+                        *MAKE_ARGS.get(recipe, [])],
                        check=True, env=env)
     return out
 
 
-def _hf_model(qdir: Path):
-    """transformers' model of the checkpoint, f32 on CPU (compressed-tensors decompresses it on load)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+def _asymmetric(qdir: Path) -> bool:
+    """Whether a compressed-tensors checkpoint's weights carry zero points."""
+    groups = json.loads((qdir / "config.json").read_text())["quantization_config"].get("config_groups", {})
+    return any((g.get("weights") or {}).get("symmetric") is False for g in groups.values())
 
-    return AutoModelForCausalLM.from_pretrained(qdir, dtype=torch.float32).eval()
+
+def _hf_model(qdir: Path):
+    """transformers' model of the checkpoint, f32 on CPU (compressed-tensors decompresses it on load).
+
+    Zero points: transformers 5.24 with compressed-tensors 0.20 builds the compressed modules with an unpacked
+    weight_zero_point [n_out, groups] and refuses the checkpoint's packed [n_out / 8, groups] ("size mismatch");
+    dequantize=True (run_compressed=False in older transformers) decompresses at load instead: the same weights as
+    llm-compressor's own transformers 5.17 / compressed-tensors 0.19 decompress (checked equal on the AWQ
+    checkpoint)."""
+    import torch
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    dq = ({"dequantize": True} if "dequantize" in inspect.signature(CompressedTensorsConfig).parameters
+          else {"run_compressed": False})
+    kw = {"quantization_config": CompressedTensorsConfig(**dq)} if _asymmetric(qdir) else {}
+    return AutoModelForCausalLM.from_pretrained(qdir, dtype=torch.float32, **kw).eval()
 
 
 def _hf_logits(model):
