@@ -105,18 +105,24 @@ def quantize_kernel(isa, x, qx, dx, sx16, sx32):
     """x f32 [M, n_in] -> qx int8 [M, n_in] (one part) or [2, M, n_in] (two: x ~ dx (2^LO_BITS q0 + q1)),
     dx [M, n_in / 32], sx16 / sx32 = dx * (sum of the integer values) per 16 / 32; isa: the source-stamped
     tag (keeps numba's cache fresh)."""
-    n_in = x.shape[1]
     for t in prange(x.shape[0]):
-        for u in range(n_in // UNIT):
-            i = t * n_in + UNIT * u
-            if qx.ndim == 3:
-                d, s0, s1 = q8x2_block(x, i, qx[0], i, qx[1])
-            else:
-                d, s0, s1 = q8_block(x, i, qx, i)
-            dx[t, u] = d
-            sx16[t, 2 * u] = d * s0
-            sx16[t, 2 * u + 1] = d * s1
-            sx32[t, u] = d * (s0 + s1)
+        quantize_row(x, qx, dx, sx16, sx32, t)
+
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def quantize_row(x, qx, dx, sx16, sx32, t):
+    """Token t of quantize_kernel (shared with the serial quantizer of short batches, cpu_repack.py)."""
+    n_in = x.shape[1]
+    for u in range(n_in // UNIT):
+        i = t * n_in + UNIT * u
+        if qx.ndim == 3:
+            d, s0, s1 = q8x2_block(x, i, qx[0], i, qx[1])
+        else:
+            d, s0, s1 = q8_block(x, i, qx, i)
+        dx[t, u] = d
+        sx16[t, 2 * u] = d * s0
+        sx16[t, 2 * u + 1] = d * s1
+        sx32[t, u] = d * (s0 + s1)
 
 
 # ------------------------------------------------------------------ weight panels
