@@ -8,6 +8,10 @@ Pairs (same weights on both sides where the grid allows):
   int W4 g64 asym payload vs  Q4_0 of the same shape
   fp8 channel payload     vs  Q8_0 (the fp8 weights requantized)
   fp8 block 128x128       vs  Q8_0
+  fp8 channel, random bytes vs Q8_0 (the worst case: every row holds subnormal bytes, the f16 decode)
+The fp8 weights are Gaussian, cast to e4m3 by torch after dividing by their channel's or block's absmax / 448
+(as checkpoints are made: about 6% of the rows then hold a subnormal byte; llm-compressor's SmolLM2 FP8
+checkpoints have 0.2% (channel) and 3% (block)), except in the random-bytes pair.
   int W4 g64 act-order    vs  the same payload without a group index (what sorting inputs by group costs)
 One "token" is one matvec through every linear of a decoder layer (q, k, v, o, gate, up, down), as decode
 runs them, through CpuBackend.linear. Rounds interleave the two sides and the table gives the median of the
@@ -62,17 +66,40 @@ def _int4_actorder(n_out: int, n_in: int, rng: np.random.Generator) -> tuple[Any
     return _payload("int;bits=4;group=64;sym=1;g_idx=1", g, n_in, n_out), plain
 
 
-def _fp8(n_out: int, n_in: int, block: bool, rng: np.random.Generator) -> tuple[Any, Any]:
-    """(fp8 payload, Q8_0 TensorRef of its dequantized weights) of one shape."""
+def _fp8_bytes(w: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """e4m3fn bytes of w / s (s broadcast over w), rounded by torch's float8_e4m3fn cast as checkpoints are."""
+    import torch
+
+    q = torch.from_numpy(np.clip(w / s, -448.0, 448.0).astype(np.float32)).to(torch.float8_e4m3fn)
+    return q.view(torch.uint8).numpy()
+
+
+def _fp8(n_out: int, n_in: int, block: bool, rng: np.random.Generator, random_bytes: bool = False) -> tuple[Any, Any]:
+    """(fp8 payload, Q8_0 TensorRef of its dequantized weights) of one shape: Gaussian weights scaled by their
+    channel's or 128x128 block's absmax / 448 (a few rows then hold subnormal bytes, as checkpoints do), or
+    uniformly random bytes (every row holds subnormals: the f16 decode)."""
     from qf.format.ggml_types import GGMLType
     from qf.quant.codecs import get_codec
     from qf.runtime.weights import TensorRef
 
-    v = rng.integers(0, 256, (n_out, n_in), dtype=np.int64).astype(np.uint8)
-    v[(v & 0x7F) == 0x7F] = 0  # no NaN patterns
     scheme = "fp8;scale=block;block=128x128" if block else "fp8;scale=channel"
     shape = (-(-n_out // 128), -(-n_in // 128)) if block else (n_out, 1)
-    a = {"weight_fp8": v.view(np.int8), "weight_scale": (rng.random(shape) * 0.01 + 1e-3).astype(np.float32)}
+    if random_bytes:
+        v = rng.integers(0, 256, (n_out, n_in), dtype=np.int64).astype(np.uint8)
+        v[(v & 0x7F) == 0x7F] = 0  # no NaN patterns
+        s = (rng.random(shape) * 0.01 + 1e-3).astype(np.float32)
+    else:
+        w = rng.standard_normal((n_out, n_in)).astype(np.float32) * 0.02
+        if block:
+            pad = np.zeros((shape[0] * 128, shape[1] * 128), np.float32)
+            pad[:n_out, :n_in] = np.abs(w)
+            s = (pad.reshape(shape[0], 128, shape[1], 128).max((1, 3)) / 448.0).astype(np.float32)
+            full = np.repeat(np.repeat(s, 128, 0), 128, 1)[:n_out, :n_in]
+        else:
+            s = (np.abs(w).max(1, keepdims=True) / 448.0).astype(np.float32)
+            full = s
+        v = _fp8_bytes(w, full)
+    a = {"weight_fp8": v.view(np.int8), "weight_scale": s}
     ref = _payload(scheme, a, n_in, n_out)
     q = get_codec(GGMLType.Q8_0).quantize(ref.dequantize())
     return ref, TensorRef("w.weight", GGMLType.Q8_0, (n_in, n_out), q)
@@ -84,6 +111,8 @@ PAIRS: dict[str, tuple[str, str, Callable[..., tuple[Any, Any]]]] = {
     "int4 g64 act-order": ("payload W4 g64 act-order", "W4 g64 payload", lambda o, i, r: _int4_actorder(o, i, r)),
     "fp8 channel": ("payload FP8 channel", "Q8_0", lambda o, i, r: _fp8(o, i, False, r)),
     "fp8 block": ("payload FP8 block 128", "Q8_0", lambda o, i, r: _fp8(o, i, True, r)),
+    "fp8 channel random bytes": ("payload FP8 channel, random bytes", "Q8_0",
+                                 lambda o, i, r: _fp8(o, i, False, r, True)),
 }
 
 

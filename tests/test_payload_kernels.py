@@ -92,19 +92,27 @@ def test_int_group_index_unequal_groups():
 
 @pytest.mark.parametrize("scale", ["channel", "tensor", "block;block=128x128", "block;block=16x40"])
 @pytest.mark.parametrize("shape", [(67, 576), (33, 200), (130, 1536)])
-def test_fp8(scale, shape):
-    """FP8 e4m3: all 254 finite bit patterns (subnormals, -0), scale blocks that straddle vectors, byte tails."""
+@pytest.mark.parametrize("normal_rows", [False, True])
+def test_fp8(scale, shape, normal_rows):
+    """FP8 e4m3: all 254 finite bit patterns (subnormals, -0), scale blocks that straddle vectors, byte tails;
+    rows with subnormal bytes (f16 decode) and, with normal_rows, every other row without (f32 bit decode)."""
     n_out, n_in = shape
     rng = np.random.default_rng(n_in + len(scale))
     v = rng.integers(0, 256, (n_out, n_in)).astype(np.uint8)
     v[(v & 0x7F) == 0x7F] = 0
+    if normal_rows:
+        even = v[::2]
+        even[((even & 0x78) == 0) & ((even & 7) != 0)] |= 0x08  # subnormal -> normal
+        v[::2] = even
     p = format_of("fp8;scale=" + scale)[1]
     bh, bw = p.block(n_in, n_out)
     s_shape = {"channel": (n_out, 1), "tensor": (1,)}.get(scale, (-(-n_out // bh), -(-n_in // bw)))
     a = {"weight_fp8": v.view(np.int8), "weight_scale": (rng.random(s_shape) * 0.01 + 1e-3).astype(np.float32)}
     ref = _ref("fp8;scale=" + scale, a, n_in, n_out)
     _check(ref, rng)
-    assert not payload_matrix(ref).kind.nan  # no NaN pattern: the decode without compare and select
+    pm = payload_matrix(ref)
+    assert not pm.kind.nan  # no NaN pattern: the decode without compare and select
+    assert np.array_equal(pm.sub, np.arange(n_out) % 2 == 1) if normal_rows else pm.sub.all()
 
 
 def test_fp8_nan_patterns_stay_nan():

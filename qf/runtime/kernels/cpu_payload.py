@@ -8,11 +8,14 @@ all in one vector sum. Bit width and words per group are compile-time (PayloadKi
 (act-order) whose groups each hold `group` inputs (GPTQ's), the inputs are sorted by group at load: the codes
 are repacked once in that order (a RAM copy of this weight's codes, the only payload not read from the mmap)
 and each token's activations are permuted to match, so the vector kernel runs; any other group index runs a
-per-input scalar kernel. FP8 e4m3 bytes are decoded exactly through f16 32 at a time and
-scaled once per scale block. The same fused kernel serves a few tokens and exact rows (each token sums
-exactly as alone); larger batches decode row tiles to f32 (vector decode, equal to the reference dequantizer
-bit for bit) and multiply them with BLAS (numpy). Dispatch is by scheme name (`PAYLOAD_KERNELS`), the same
-key as the format registry.
+per-input scalar kernel. FP8 e4m3 bytes are widened exactly to f32 16 at a time by moving their bits into
+the f32 fields (e4m3 * 2^-120; the 2^120 is split between the scales and the activations); a channel or
+tensor scale multiplies each row's sum, block scales (128x128 or any) multiply the activations once per block
+row and token, so every row is one unbroken span. Rows that hold subnormal bytes, which would be f32
+subnormals (a microcode assist per vector), decode through f16 instead. The same fused kernel serves a few
+tokens and exact rows (each token sums exactly as alone); larger batches decode row tiles to f32 (vector
+decode, equal to the reference dequantizer bit for bit) and multiply them with BLAS (numpy). Dispatch is by
+scheme name (`PAYLOAD_KERNELS`), the same key as the format registry.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ from qf.format.errors import ModelError
 from qf.quant.formats.base import scales_f32
 from qf.quant.formats.fp8 import E4M3
 from qf.runtime.kernels.cpu_payload_simd import (
-    E4M3_SCALE, Fp8Kind, PayloadKind, code16, ld_e4m3_x2, ld_e4m3_x2_n, ld_scales, ld_words, ld_words_n, per_word,
-    word_code,
+    E4M3_SCALE, E4M3_WIDE, Fp8Kind, PayloadKind, code16, ld_e4m3, ld_e4m3_n, ld_e4m3_x2,
+    ld_e4m3_x2_n, ld_scales, ld_words, ld_words_n, per_word, word_code,
 )
 from qf.runtime.kernels.cpu_simd import prefetch, vadd, vfma, vload, vmul, vsplat, vstore, vsum, vzero
 
@@ -206,60 +209,92 @@ def _int_rows(packed: np.ndarray, bits: int, gidx: np.ndarray, scale: np.ndarray
 
 
 @numba.njit(inline="always", **_JIT)
-def _fp8_dot(kind, vals: np.ndarray, o: int, scale: np.ndarray, so: int, bw: int, xpad: np.ndarray, m: int) -> float:
-    """Row o of vals . token m: sum_c scale[so, c] * sum_{i in block c} e4m3(vals[o, i]) / 256 * x[m, i]
-    (scale: times 256, so: the row's scale row; xpad: x and >= 32 zero columns). Flat offsets, no row views
-    (see _int_dot)."""
-    n_in = vals.shape[1]
-    row, xrow = o * n_in, m * xpad.shape[1]
-    acc = vzero()
-    for c in range(scale.shape[1]):
-        i = c * bw
-        i1 = min(n_in, i + bw)
-        p0 = vzero()
-        p1 = vzero()
-        while i + 64 <= i1:  # a cache line per step, one prefetch
-            prefetch(vals, row + i + PREFETCH)
-            v0, v1 = ld_e4m3_x2(kind, vals, row + i)
-            v2, v3 = ld_e4m3_x2(kind, vals, row + i + 32)
-            p0 = vfma(v0, vload(xpad, xrow + i), p0)
-            p1 = vfma(v1, vload(xpad, xrow + i + 16), p1)
-            p0 = vfma(v2, vload(xpad, xrow + i + 32), p0)
-            p1 = vfma(v3, vload(xpad, xrow + i + 48), p1)
-            i += 64
-        if i + 32 <= i1:
-            v0, v1 = ld_e4m3_x2(kind, vals, row + i)
-            p0 = vfma(v0, vload(xpad, xrow + i), p0)
-            p1 = vfma(v1, vload(xpad, xrow + i + 16), p1)
-            i += 32
-        if i < i1:
-            v0, v1 = ld_e4m3_x2_n(kind, vals, row + i, i1 - i)
-            p0 = vfma(v0, vload(xpad, xrow + i), p0)
-            p1 = vfma(v1, vload(xpad, xrow + i + 16), p1)
-        acc = vfma(vadd(p0, p1), vsplat(scale[so, c]), acc)
-    return vsum(acc)
+def _fp8_span(kind, vals: np.ndarray, r: int, xw: np.ndarray, xr: int, n: int):
+    """sum_i e4m3(vals[r + i]) * 2^-120 * xw[xr + i] over i < n as a vector (flat offsets; two chains, a cache
+    line of bytes per step). The masked tail reads xw up to 15 values past n: xw has 32 zero columns."""
+    p0 = vzero()
+    p1 = vzero()
+    i = 0
+    while i + 64 <= n:
+        prefetch(vals, r + i + PREFETCH)
+        p0 = vfma(ld_e4m3(kind, vals, r + i), vload(xw, xr + i), p0)
+        p1 = vfma(ld_e4m3(kind, vals, r + i + 16), vload(xw, xr + i + 16), p1)
+        p0 = vfma(ld_e4m3(kind, vals, r + i + 32), vload(xw, xr + i + 32), p0)
+        p1 = vfma(ld_e4m3(kind, vals, r + i + 48), vload(xw, xr + i + 48), p1)
+        i += 64
+    while i + 16 <= n:
+        p0 = vfma(ld_e4m3(kind, vals, r + i), vload(xw, xr + i), p0)
+        i += 16
+    if i < n:
+        p1 = vfma(ld_e4m3_n(kind, vals, r + i, n - i), vload(xw, xr + i), p1)
+    return vadd(p0, p1)
+
+
+@numba.njit(inline="always", **_JIT)
+def _fp8_span16(kind, vals: np.ndarray, r: int, xw: np.ndarray, xr: int, n: int):
+    """As _fp8_span through the f16 decode (e4m3(b) / 256, 64 bytes a step), for rows holding subnormal
+    bytes (as f32 they would be subnormal inputs, a microcode assist per vector); the sum times 2^-112 has
+    _fp8_span's scale. The masked tail reads xw up to 31 values past n: xw has 32 zero columns."""
+    p0 = vzero()
+    p1 = vzero()
+    i = 0
+    while i + 64 <= n:
+        prefetch(vals, r + i + PREFETCH)
+        v0, v1 = ld_e4m3_x2(kind, vals, r + i)
+        v2, v3 = ld_e4m3_x2(kind, vals, r + i + 32)
+        p0 = vfma(v0, vload(xw, xr + i), p0)
+        p1 = vfma(v1, vload(xw, xr + i + 16), p1)
+        p0 = vfma(v2, vload(xw, xr + i + 32), p0)
+        p1 = vfma(v3, vload(xw, xr + i + 48), p1)
+        i += 64
+    if i + 32 <= n:
+        v0, v1 = ld_e4m3_x2(kind, vals, r + i)
+        p0 = vfma(v0, vload(xw, xr + i), p0)
+        p1 = vfma(v1, vload(xw, xr + i + 16), p1)
+        i += 32
+    if i < n:
+        v0, v1 = ld_e4m3_x2_n(kind, vals, r + i, n - i)
+        p0 = vfma(v0, vload(xw, xr + i), p0)
+        p1 = vfma(v1, vload(xw, xr + i + 16), p1)
+    return vmul(vadd(p0, p1), vsplat(np.float32(E4M3_SCALE / E4M3_WIDE ** 2)))
 
 
 @numba.njit(**_JIT)
-def _fp8_x(x: np.ndarray) -> np.ndarray:
-    """x [M, n_in] followed by 32 zero columns (serial, see _int_x)."""
-    xpad = np.zeros((x.shape[0], x.shape[1] + 32), np.float32)
+def _fp8_x(x: np.ndarray, xscale: np.ndarray) -> np.ndarray:
+    """xw [M, R, n_in + 32]: x[m, i] * xscale[r, i], then 32 zero columns (serial, see _int_x)."""
+    n_in = x.shape[1]
+    xw = np.empty((x.shape[0], xscale.shape[0], n_in + 32), np.float32)
     for m in range(x.shape[0]):
-        for i in range(x.shape[1]):
-            xpad[m, i] = x[m, i]
-    return xpad
+        xm = x[m]
+        for r in range(xscale.shape[0]):
+            dst, sr = xw[m, r], xscale[r]
+            for i in range(n_in):
+                dst[i] = xm[i] * sr[i]
+            dst[n_in:] = 0.0
+    return xw
 
 
 @numba.njit(parallel=True, **_JIT)
-def _fp8_matmul(kind, vals: np.ndarray, scale: np.ndarray, srow: np.ndarray, bw: int, x: np.ndarray,
-                out: np.ndarray) -> None:
-    """out[m, o] = sum_c scale[srow[o], c] * sum_{i in block c} e4m3(vals[o, i]) x[m, i] (scale: times 256;
-    srow: each row's scale row, no division per row); every token's sum is the one it gets alone."""
-    xpad = _fp8_x(x)
+def _fp8_matmul(kind, vals: np.ndarray, sub: np.ndarray, rscale: np.ndarray, xscale: np.ndarray, bh: int,
+                x: np.ndarray, out: np.ndarray) -> None:
+    """out[m, o] = rscale[o] * sum_i e4m3(vals[o, i]) 2^-120 x[m, i] xscale[o // bh, i] (one xscale row: all
+    rows share it). Channel and tensor scales are rscale (times 2^60, xscale 2^60); block scales go into the
+    activations, once per block row and token (xscale = s[o // bh, i // bw] 2^60, rscale 2^60), so every row
+    is one span. sub[o]: row o holds subnormal bytes (the f16 decode). Every token's sum is the one it gets
+    alone."""
+    xw = _fp8_x(x, xscale)
+    n_in, n_r = vals.shape[1], xscale.shape[0]
+    per = xw.shape[2]
     for o in prange(vals.shape[0]):
-        so = srow[o]
+        rb = o // bh if n_r > 1 else 0
+        f, so = rscale[o], sub[o]
         for m in range(x.shape[0]):
-            out[m, o] = _fp8_dot(kind, vals, o, scale, so, bw, xpad, m)
+            xr = (m * n_r + rb) * per
+            if so:
+                p = _fp8_span16(kind, vals, o * n_in, xw, xr, n_in)
+            else:
+                p = _fp8_span(kind, vals, o * n_in, xw, xr, n_in)
+            out[m, o] = vsum(p) * f
 
 
 @numba.njit(parallel=True, **_JIT)
@@ -280,13 +315,18 @@ def _fp8_rows(kind, vals: np.ndarray, table: np.ndarray, scale: np.ndarray, bh: 
 
 
 @numba.njit(parallel=True, cache=True)
-def _fp8_has_nan(vals: np.ndarray) -> bool:
-    """Whether any byte of vals [O, n_in] is an e4m3fn NaN pattern (S.1111.111); one pass over the mmap."""
+def _fp8_scan(vals: np.ndarray, sub: np.ndarray) -> bool:
+    """Whether any byte of vals [O, n_in] is an e4m3fn NaN pattern (S.1111.111); sub[o] = whether row o holds a
+    subnormal (S.0000.mmm, m > 0). One pass over the mmap."""
     n = 0
     for o in prange(vals.shape[0]):
         c = 0
+        d = 0
         for i in range(vals.shape[1]):
-            c += (vals[o, i] & 0x7F) == 0x7F
+            b = vals[o, i]
+            c += (b & 0x7F) == 0x7F
+            d += ((b & 0x78) == 0) & ((b & 0x07) != 0)
+        sub[o] = d > 0
         n += c
     return n > 0
 
@@ -417,15 +457,23 @@ class Fp8Matrix(PayloadMatrix):
         self.vals = np.ascontiguousarray(a["weight_fp8"].view(np.uint8))
         self.bh, self.bw = p.block(self.n_in, self.n_out)
         shape = (-(-self.n_out // self.bh), -(-self.n_in // self.bw))
-        self.scale = np.ascontiguousarray(scales_f32(a["weight_scale"]).reshape(shape) * np.float32(E4M3_SCALE))
+        s = np.ascontiguousarray(scales_f32(a["weight_scale"]).reshape(shape))
+        self.scale = s * np.float32(E4M3_SCALE)
         self.table = E4M3 / np.float32(E4M3_SCALE)
-        self.srow = np.arange(self.n_out, dtype=np.int64) // self.bh
-        self.kind = Fp8Kind(_fp8_has_nan(self.vals))
+        wide = np.float32(E4M3_WIDE)
+        if self.bw >= self.n_in:  # one scale per row (channel) or per file (tensor): applied to each row's sum
+            self.rscale = np.ascontiguousarray(np.repeat(s[:, 0] * wide, self.bh)[:self.n_out])
+            self.xscale = np.full((1, self.n_in), wide, np.float32)
+        else:  # blocks: the scales go into the activations of each block row
+            self.rscale = np.full(self.n_out, wide, np.float32)
+            self.xscale = np.ascontiguousarray(np.repeat(s * wide, self.bw, axis=1)[:, :self.n_in])
+        self.sub = np.zeros(self.n_out, np.bool_)  # rows with subnormal bytes take the f16 decode
+        self.kind = Fp8Kind(_fp8_scan(self.vals, self.sub))
 
     def fused(self, x: np.ndarray) -> np.ndarray:
         """Fused decode, 64 bytes per step."""
         out = np.empty((x.shape[0], self.n_out), np.float32)
-        _fp8_matmul(self.kind, self.vals, self.scale, self.srow, self.bw, x, out)
+        _fp8_matmul(self.kind, self.vals, self.sub, self.rscale, self.xscale, self.bh, x, out)
         return out
 
     def rows(self, r0: int, r1: int) -> np.ndarray:

@@ -3,13 +3,17 @@
 Integer codes: a row is int32 words, code i in bits [i*bits, (i+1)*bits) (32 / bits codes per word). A
 vector holds 16 consecutive *words* (from word w0); code position k of every lane is one shift and mask, so
 lane l of position k is input (w0 + l) * per_word + k (the activations are laid out to match, see
-cpu_payload.py). For rows decoded to f32, `code16` reads 16 consecutive codes in input order instead. The bit width and the words per scale group are compile-time constants carried
-by a `PayloadKind` (numba type name), as cpu_drivers.Kind does for ggml types.
+cpu_payload.py). For rows decoded to f32, `code16` reads 16 consecutive codes in input order instead. The
+bit width and the words per scale group are compile-time constants carried by a `PayloadKind` (numba type
+name), as cpu_drivers.Kind does for ggml types.
 
-FP8 e4m3fn: the byte b becomes the IEEE half (sext(b) << 7) & 0xBFFF (sign kept, exponent and mantissa
-moved into the half's fields), which is exactly 2^-8 * e4m3(b), subnormals included; the half widens to
-f32 in hardware (vcvtph2ps). S.1111.111 (NaN in e4m3fn) is selected to a NaN when the weight holds any
-(`Fp8Kind(nan=True)`); a weight checked at load to hold none skips that compare and select.
+FP8 e4m3fn, two decodes. `ld_e4m3`: the byte b becomes the f32 (sext(b) << 20) & 0x87F00000 (sign kept,
+exponent and mantissa moved into the f32 fields), exactly 2^-120 * e4m3(b); three integer operations per 16
+bytes, but e4m3 subnormals become f32 subnormals, which cost a microcode assist per vector in an FMA.
+`ld_e4m3_x2`: the IEEE half (sext(b) << 7) & 0xBFFF, exactly 2^-8 * e4m3(b), subnormals included (as half
+subnormals, which widen to normal f32 in hardware, vcvtph2ps). S.1111.111 (NaN in e4m3fn) is selected to
+a NaN when the weight holds any (`Fp8Kind(nan=True)`); a weight checked at load to hold none skips that
+compare and select.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from numba.extending import NativeValue, intrinsic, models, overload, register_m
 from qf.runtime.kernels.cpu_simd import LANES, byte_fields, f32x16
 
 E4M3_SCALE = 256.0  # the f16 decode gives e4m3(b) / E4M3_SCALE; kernels fold it into the scales
+E4M3_WIDE = 2.0 ** 60  # ld_e4m3 gives e4m3(b) * 2^-120: the fused kernel takes 2^60 into x, 2^60 into the scales
 
 _F32 = ir.FloatType()
 _I32 = ir.IntType(32)
@@ -232,7 +237,7 @@ def _unbox_fp8_kind(typ, obj, c):
 
 class Fp8Kind:
     """Compile-time tag of the fp8 kernels: nan=False for weights known to hold no NaN pattern (the decode then
-    skips the compare and select, about a fifth of its work)."""
+    skips the compare and select)."""
 
     __slots__ = ("nan", "_numba_type_")
 
@@ -287,3 +292,48 @@ def ld_e4m3_x2_n(typingctx, kind, row, off, n):
         q = _masked_load(builder, p, _V32I8, context.cast(builder, args[3], sig.args[3], types.int32), 1)
         return context.make_tuple(builder, sig.return_type, _e4m3_x2(builder, q, nan))
     return types.UniTuple(f32x16, 2)(kind, row, off, n), codegen
+
+
+def _i32(v: int) -> int:
+    """A u32 bit pattern as the signed value an LLVM i32 constant takes."""
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+def _e4m3_f32(builder, q, nan: bool):
+    """<16 x i8> e4m3fn bytes -> f32x16 of e4m3(b) * 2^-120, exact (subnormals become f32 subnormals).
+
+    The f32 bits are ((b & 0x80) << 24) | ((b & 0x7F) << 20): (sext(b) << 20) & 0x87F00000, sign from the
+    extension, exponent and mantissa moved into the f32 fields (the exponent bias 127 - 7 is the 2^-120)."""
+    w = builder.sext(q, _VI32)
+    f = builder.and_(builder.shl(w, ir.Constant(_VI32, [20] * LANES)), ir.Constant(_VI32, [_i32(0x87F00000)] * LANES))
+    if nan:
+        nan_lanes = builder.icmp_unsigned("==", builder.and_(w, ir.Constant(_VI32, [0x7F] * LANES)),
+                                          ir.Constant(_VI32, [0x7F] * LANES))
+        f = builder.select(nan_lanes, ir.Constant(_VI32, [0x7FC00000] * LANES), f)
+    return builder.bitcast(f, _VF)
+
+
+_V16I8 = ir.VectorType(ir.IntType(8), LANES)
+
+
+@intrinsic
+def ld_e4m3(typingctx, kind, row, off):
+    """The 16 e4m3fn bytes row[off : off + 16] as f32x16, each value e4m3(b) * 2^-120 (see E4M3_WIDE)."""
+    nan = kind.nan
+
+    def codegen(context, builder, sig, args):
+        q = builder.load(_ptr(context, builder, sig.args[1], args[1], args[2], sig.args[2], _V16I8), align=1)
+        return _e4m3_f32(builder, q, nan)
+    return f32x16(kind, row, off), codegen
+
+
+@intrinsic
+def ld_e4m3_n(typingctx, kind, row, off, n):
+    """As ld_e4m3 for the n (< 16) bytes row[off : off + n]; lanes from n on are 0, nothing past them read."""
+    nan = kind.nan
+
+    def codegen(context, builder, sig, args):
+        p = _ptr(context, builder, sig.args[1], args[1], args[2], sig.args[2], _V16I8)
+        q = _masked_load(builder, p, _V16I8, context.cast(builder, args[3], sig.args[3], types.int32), 1)
+        return _e4m3_f32(builder, q, nan)
+    return f32x16(kind, row, off, n), codegen
