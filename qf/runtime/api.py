@@ -21,6 +21,7 @@ from qf.runtime.planner import Plan, TensorOverride, moe_overrides, parse_overri
 from qf.runtime.chat import ChatTemplate, chat_template_from_metadata
 from qf.runtime.generate import Engine, FinishReason, Generation, GenerationStats, LogitsConstraint
 from qf.runtime.hparams import HParams, hparams_from_metadata
+from qf.runtime.kernels import cpu as kernels
 from qf.runtime.kv_cache import DEFAULT_KV_TYPE, KVSpec
 from qf.runtime.scheduler import Scheduler
 from qf.runtime.sampler import SamplingParams
@@ -111,7 +112,7 @@ class Model:
              cpu_backend: CpuBackend | None = None, n_seq: int = 1, type_k: str = DEFAULT_KV_TYPE,
              type_v: str = DEFAULT_KV_TYPE, allow_context_extension: bool = False,
              torch_options: Mapping[str, Any] | None = None, cpu_moe: bool = False, n_cpu_moe: int = 0,
-             override_tensor: str | Sequence[str] | None = None) -> "Model":
+             override_tensor: str | Sequence[str] | None = None, precompile: bool = True) -> "Model":
         """Open a .qf/.gguf file by mmap, validate it, and prepare a KV cache of n_seq slots of n_ctx positions.
 
         gpu_layers: 0 runs on the CPU; N puts the last N layers on the GPU(s) (llama.cpp's -ngl); "auto"
@@ -133,7 +134,9 @@ class Model:
         warmup (as llama.cpp does) evaluates a token and a 1-token step once, so that the decode kernels (compiled
         or loaded from numba's cache) and the first page-in of the weights count as load time, not as prompt
         time. The prefill kernels compile on the first prompt, only those its length needs (a fresh install's
-        first long prompt never compiles the short-batch kernels).
+        first long prompt never compiles the short-batch kernels). precompile: those of the integer prefill path
+        compile meanwhile in background processes (one per spare core) when numba's disk cache lacks them, so a
+        fresh install's first prompt finds them there (kernels.cpu.precompile_background).
         """
         t0 = time.perf_counter()
         path = os.fspath(path)
@@ -151,6 +154,8 @@ class Model:
             placement, plan = _placement(path, ctx, n_batch, hp.n_layer, cpu, gpu_layers, vram, tensor_split, kv,
                                          torch_options, overrides)
             _check_host_memory(kv, sum(be is cpu for be in placement.layers))
+            if precompile and kernels.INT8_MIN_TOKENS is not None and any(be is cpu for be in placement.layers):
+                kernels.precompile_background({ti.type for ti in f.tensors.values()})
             forward = build_forward(forward_cls, hp, spec, load_tensors(f, hp, path), placement, ctx)
             template = chat_template_from_metadata(f.meta, *_bos_eos_text(tokenizer))
         except BaseException:

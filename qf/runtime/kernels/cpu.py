@@ -24,6 +24,7 @@ products (`vpdpbusd` where the host has AVX-512 VNNI). Its results are exact fun
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -247,6 +248,7 @@ def quantize_q8(x: np.ndarray, parts: int | None = None) -> Q8Activations:
     m, n = x.shape
     planes = np.empty((m, n) if parts == 1 else (2, m, n), np.int8)
     xq = Q8Activations(planes, np.empty((m, n // 32), _F32), np.empty((m, n // 16), _F32), np.empty((m, n // 32), _F32))
+    wait_precompiled()
     if m:
         cpu_int8.quantize_kernel(ISA, x, planes, xq.d, xq.s16, xq.s32)
     return xq
@@ -256,6 +258,7 @@ def matmul_q8(w: QMatrix, xq: Q8Activations, out: np.ndarray | None = None, *, i
     """xq @ w.T with integer dot products: -> f32 [M, n_out]; isa picks the instruction set (default ISA)."""
     _check_q8(w, xq)
     y = _output(out, (xq.shape[0], w.n_out))
+    wait_precompiled()
     if xq.shape[0]:
         _matmul_q8_call((w,), xq, (y,), isa or ISA)
     return y
@@ -337,16 +340,59 @@ def _precompiled_marker(t: GGMLType, parts: int | None) -> Path | None:
 
 
 def precompile_async(types: Iterable[GGMLType | int | str], parts: int | None = None) -> subprocess.Popen | None:
-    """`precompile` in a background process, for the types whose kernels are not cached yet: a fresh
+    """`precompile` in one background process, for the types whose kernels are not cached yet: a fresh
     install's first prompt then loads them from numba's disk cache instead of compiling them while the caller
-    loads and warms up. None when there is nothing to do (no integer kernel, all cached, caching off)."""
+    loads and warms up (the integer kernels wait for it, `wait_precompiled`). None when there is nothing to do
+    (no integer kernel, all cached, caching off)."""
+    procs = precompile_background(types, parts, processes=1)
+    return procs[0] if procs else None
+
+
+def precompile_background(types: Iterable[GGMLType | int | str], parts: int | None = None,
+                          processes: int | None = None) -> list[subprocess.Popen]:
+    """`precompile` of the uncached types in up to `processes` background processes (default: one per spare
+    core, at least one), costliest types spread first; the integer kernels of this process wait for them
+    (`wait_precompiled`) instead of compiling the same code again. [] when there is nothing to do."""
     want = {GGMLType[t] if isinstance(t, str) else GGMLType(t) for t in types} & set(IDECODERS)
-    names = sorted(t.name for t in want if (m := _precompiled_marker(t, parts)) is not None and not m.exists())
-    if not names or numba.config.DISABLE_JIT:
-        return None
+    todo = sorted((t for t in want - _STARTED if (m := _precompiled_marker(t, parts)) is not None and not m.exists()),
+                  key=lambda t: (-IDECODERS[t].subs, t.name))
+    if not todo or numba.config.DISABLE_JIT:
+        return []
+    _STARTED.update(todo)
+    n = max(1, min(len(todo), _spare_cores() if processes is None else int(processes)))
+    shares = [todo[i::n] for i in range(n)]
     code = "import sys; from qf.runtime.kernels import cpu; cpu.precompile(sys.argv[2:], int(sys.argv[1]))"
-    return subprocess.Popen([sys.executable, "-c", code, str(INT8_PARTS if parts is None else parts), *names],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[3]),
+                                                       *filter(None, [os.environ.get("PYTHONPATH")])]))
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(INT8_PARTS if parts is None else parts),
+                               *(t.name for t in share)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for share in shares]
+    with _BG_LOCK:
+        _BACKGROUND.extend(procs)
+    return procs
+
+
+def _spare_cores() -> int:
+    """Cores this process may run on, less the one it compiles on itself."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    return max(1, n - 1)
+
+
+_BACKGROUND: list[subprocess.Popen] = []  # precompile processes the integer kernels wait for
+_BG_LOCK = threading.Lock()
+_STARTED: set[GGMLType] = set()  # types a background process of this one compiles or compiled
+
+
+def wait_precompiled() -> None:
+    """Wait for the background precompile processes started here (their kernels are then in the disk cache)."""
+    if not _BACKGROUND:
+        return
+    with _BG_LOCK:
+        while _BACKGROUND:
+            _BACKGROUND.pop().wait()
 
 
 def _aligned_u8(rows: int, cols: int) -> np.ndarray:
@@ -410,5 +456,5 @@ def get_threads() -> int:
 
 
 __all__ = ["KernelError", "Q8Activations", "QMatrix", "get_rows", "get_threads", "int8_types", "matmul",
-           "matmul_many", "matmul_q8", "matvec", "precompile", "precompile_async", "quantize_q8", "set_threads", "supported_types",
-           "unpack_int8"]
+           "matmul_many", "matmul_q8", "matvec", "precompile", "precompile_async", "precompile_background",
+           "quantize_q8", "set_threads", "supported_types", "unpack_int8", "wait_precompiled"]
