@@ -2,6 +2,12 @@
 
     nice -n 5 python benchmarks/bench_awq.py [--out bench-awq] [--samples 32] [--seqlen 512] [--chunks 6]
         [--rows RTN-W4G64-ASYM,AWQ-W4G64] [--reference-dir DIR]
+    python benchmarks/bench_awq.py --llmc /path/to/venv/bin/python --samples 8 --seqlen 512 --chunks 3 \
+        [--rounds 2] [--reference-dir DIR]
+
+--llmc: instead, the head-to-head against llm-compressor 0.14's AWQModifier (benchmarks/calib_compare.py):
+F16, RTN-W4G64-ASYM, our AWQ-W4G64 and llm-compressor's w4a16_awq_g64 recipe (AWQModifier's defaults, then
+round to nearest on 4-bit asymmetric groups of 64) on the same calibration windows, in alternating rounds.
 
 The reference is bench_quality's (SmolLM2 exported to an HF folder, residual stream rotated by a seeded random
 orthogonal matrix: weights on no grid; --reference-dir reuses an earlier run's hf-rotated folder). Calibration:
@@ -20,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_quality as bq  # noqa: E402  (the reference export, child runs and scoring are shared)
+import calib_compare as cc  # noqa: E402
 
 BASELINE = {"AWQ-W4G64": "RTN-W4G64-ASYM", "AWQ-W4G64-SYM": "RTN-W4G64", "AWQ-W4G32": "RTN-W4G32-ASYM"}
 
@@ -70,12 +77,16 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rows", default="RTN-W4G64-ASYM,AWQ-W4G64", help="comma-separated rows besides F16")
     p.add_argument("--reference-dir", type=Path, default=None,
                    help="a folder holding hf-rotated from an earlier bench_quality/bench_gptq/bench_awq run")
+    cc.add_args(p)
     return p.parse_args()
 
 
 def main() -> None:
     """Export, convert, score, print and save the table."""
     args = parse_args()
+    if args.llmc is not None:
+        print(cc.contest(cc.AWQ, args))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     from qf.eval.text import calibration_text, evaluation_text
     calib, text = args.out / "calibration.txt", args.out / "evaluation.txt"
@@ -85,8 +96,8 @@ def main() -> None:
     if not (hf / "config.json").is_file():
         hf, _, secs = bq.export_reference(args.out, "rotated")
         print(f"reference exported in {secs:.1f} s", file=sys.stderr)
-    f16 = bq.convert_all(hf, args.out, [bq.REFERENCE], None)[bq.REFERENCE]
-    f16.update(path=Path(f16["path"]), convert_rss=0, **bq.score(Path(f16["path"]), bq.REFERENCE, args.out, args, text))
+    f16 = convert(hf, args.out, bq.REFERENCE, args, calib)
+    f16.update(**bq.score(Path(f16["path"]), bq.REFERENCE, args.out, args, text))
     rows = {bq.REFERENCE: f16}
     for row in [r for r in args.rows.split(",") if r]:
         r = convert(hf, args.out, row, args, calib)

@@ -1,6 +1,12 @@
 """GPTQ vs round-to-nearest on the rotated SmolLM2 reference: PPL, KLD vs F16, gap recovered, time and peak RSS.
 
     nice -n 5 python benchmarks/bench_gptq.py [--out bench-gptq] [--samples 128] [--seqlen 512] [--chunks 6]
+    python benchmarks/bench_gptq.py --llmc /path/to/venv/bin/python --samples 16 --seqlen 512 --chunks 3 \
+        [--rounds 2] [--reference-dir DIR]
+
+--llmc: instead, the head-to-head against llm-compressor 0.14's GPTQModifier (benchmarks/calib_compare.py):
+F16, RTN-W4G64, our GPTQ-W4G64 and llm-compressor's w4a16_gptq_g64 recipe (its defaults: static act-order,
+dampening 0.01, block 128, lm_head left alone, as ours) on the same calibration windows, in alternating rounds.
 
 The reference is bench_quality's (SmolLM2 exported to an HF folder, residual stream rotated by a seeded random
 orthogonal matrix: weights on no grid). Calibration: the Jargon File calibration slice (qf.eval.text); scoring:
@@ -19,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_quality as bq  # noqa: E402  (the reference export, child runs and scoring are shared)
+import calib_compare as cc  # noqa: E402
 
 PAIRS = (("RTN-W4G64", "GPTQ-W4G64"), ("RTN-W4G64-ASYM", "GPTQ-W4G64-ASYM"), ("Q4_K_M+imatrix", "Q4_K_M+gptq"))
 
@@ -81,19 +88,25 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="reuse the F16 score, imatrix and rows of results.json")
     p.add_argument("--rows", default=",".join(r for pair in PAIRS for r in pair),
                    help="comma-separated rows to run besides F16")
+    p.add_argument("--reference-dir", type=Path, default=None,
+                   help="a folder holding hf-rotated from an earlier bench_quality/bench_gptq/bench_awq run")
+    cc.add_args(p)
     return p.parse_args()
 
 
 def main() -> None:
     """Export, convert, score, print and save the table."""
     args = parse_args()
+    if args.llmc is not None:
+        print(cc.contest(cc.GPTQ, args))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     args.reference = "rotated"
     from qf.eval.text import calibration_text, evaluation_text
     calib, text = args.out / "calibration.txt", args.out / "evaluation.txt"
     calib.write_text(calibration_text(), encoding="utf-8")
     text.write_text(evaluation_text(), encoding="utf-8")
-    hf = args.out / "hf-rotated"
+    hf = (args.reference_dir or args.out) / "hf-rotated"
     if not (hf / "config.json").is_file():
         hf, _, secs = bq.export_reference(args.out, "rotated")
         print(f"reference exported in {secs:.1f} s", file=sys.stderr)
@@ -103,8 +116,8 @@ def main() -> None:
     if bq.REFERENCE in saved:
         f16 = saved[bq.REFERENCE]
     else:
-        f16 = bq.convert_all(hf, args.out, [bq.REFERENCE], None)[bq.REFERENCE]
-        f16.update(convert_rss=0, **bq.score(Path(f16["path"]), bq.REFERENCE, args.out, args, text))
+        f16 = convert(hf, args.out, bq.REFERENCE, args, calib, None)
+        f16.update(**bq.score(Path(f16["path"]), bq.REFERENCE, args.out, args, text))
     rows = {bq.REFERENCE: f16}
     imx = args.out / "imatrix.gguf"
     need_imatrix = any(r.endswith("+imatrix") and r not in saved for r in want)

@@ -161,3 +161,22 @@ def test_group_that_does_not_divide_rows_says_why(tiny_checkpoint, tmp_path: Pat
     with pytest.raises(QFError, match=r"96 inputs, not a whole number of groups of 64 \(96 = 1.5 x 64\)"):
         convert_calibrated(d, out, get_spec("GPTQ-W4G64"), CalibOptions(calib_file, 4, 32), log=lambda s: None)
     assert not out.exists()
+
+
+def test_calibration_windows_are_the_ones_qconvert_samples(tiny_checkpoint, calib_file: Path) -> None:
+    """calibration_windows (for feeding another tool the same tokens) = the driver's own windows."""
+    from qf.calib.data import tokenize
+    from qf.calib.driver import calibration_windows
+    from qf.calib.model import CalibModel
+    from qf.convert.pipeline import plan_conversion
+    d = tiny_checkpoint()
+    opts = CalibOptions(calib_file, 4, 16, seed=5)
+    got = calibration_windows(d, opts)
+    plan, ckpt = plan_conversion(Path(d), "F16")
+    try:
+        m = CalibModel(plan, ckpt, Path(d), 1)
+        ids = tokenize([TEXT], None, m.encode_text, m.render)
+        want = sample_windows(ids, opts, m.tokenizer.bos_id if m.tokenizer.vocab.add_bos else None)
+    finally:
+        ckpt.close()
+    assert got.shape == (4, 16) and np.array_equal(got, want)

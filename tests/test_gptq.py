@@ -89,3 +89,46 @@ def test_hessian_shape_mismatch_is_an_error() -> None:
     x, w = _data(n_in=64, rows=4)
     with pytest.raises(QFError, match="does not match"):
         gptq(w, hessian(x[:, :32]), IntGrid(4, 64, 4, 32, True))
+
+
+def test_triangular_inverse_by_halves_equals_numpy() -> None:
+    from qf.quant.gptq import _inv_lower
+    rng = np.random.default_rng(1)
+    for n in (5, 128, 300, 577):
+        m = np.tril(rng.standard_normal((n, n))) + n * np.eye(n)
+        assert np.allclose(_inv_lower(m), np.linalg.inv(m), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("act", [False, True])
+def test_a_shared_factor_gives_the_same_codes(act: bool) -> None:
+    from qf.quant.gptq import factor
+    x, w = _data(n_in=128, rows=16)
+    h = hessian(x)
+    f = factor(h, 0.01, act_order=act)
+    for ws in (w, w[::-1] * 0.5):  # two linears of one input, one factorization
+        a, b = IntGrid(*ws.shape, 4, 32, True), IntGrid(*ws.shape, 4, 32, True)
+        ra = gptq(ws, h, a, damp=0.01, act_order=act, static_groups=act)
+        rb = gptq(ws, f, b, static_groups=act)
+        assert np.array_equal(ra.q, rb.q) and np.array_equal(ra.perm, rb.perm) and ra.loss == rb.loss
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_range_search_lowers_weighted_rounding_error(sym: bool) -> None:
+    rng = np.random.default_rng(2)
+    w = rng.standard_t(3, size=(64, 64)).astype(np.float32)  # heavy tails: the full range wastes levels
+    imp = rng.uniform(0.1, 2.0, 64).astype(np.float32)
+    errs = []
+    for shrink in (0, 21):
+        grid = IntGrid(64, 64, 4, 64, sym, shrink=shrink)
+        q = rtn(w, grid, imp)
+        errs.append(float(((q - w) ** 2 * imp).sum()))
+        fmt, p = format_of(f"int;bits=4;group=64;sym={int(sym)};g_idx=0")
+        assert np.array_equal(fmt.dequantize(p, grid.payload(with_g_idx=False), 64), q)
+    assert errs[1] < 0.95 * errs[0], errs
+
+
+def test_gptq_with_range_search_beats_rtn() -> None:
+    x, w = _data()
+    base = _out_err(x, w, rtn(w, IntGrid(*w.shape, 4, 32, True)))
+    r = gptq(w, hessian(x), IntGrid(*w.shape, 4, 32, True, shrink=21), act_order=True, static_groups=True)
+    assert _out_err(x, w, r.q) < 0.8 * base

@@ -182,6 +182,24 @@ def _file_type_kv(kv: list, spec: TypeSpec, targets: dict[str, LinearTarget]) ->
     return [(k, ft if k == "general.file_type" else v, vt) for k, v, vt in kv]
 
 
+def _windows(model: CalibModel, docs: list[str] | None, convs: list | None, calib: CalibOptions) -> np.ndarray:
+    """The calibration windows int64 [N, L]: the text tokenized by the model's tokenizer, seeded windows."""
+    ids = tokenize(docs, convs, model.encode_text, model.render)
+    return sample_windows(ids, calib, model.tokenizer.bos_id if model.tokenizer.vocab.add_bos else None)
+
+
+def calibration_windows(model_dir: str | Path, calib: CalibOptions) -> np.ndarray:
+    """The token windows int64 [N, L] that `qconvert model_dir --calib ...` calibrates on (for comparisons that
+    feed another tool the same tokens)."""
+    check_options(calib)
+    docs, convs = read_documents(calib.path)
+    plan, ckpt = plan_conversion(Path(model_dir), "F16")
+    try:
+        return _windows(CalibModel(plan, ckpt, Path(model_dir), 1), docs, convs, calib)
+    finally:
+        ckpt.close()
+
+
 def convert_calibrated(model_dir: str | Path, out_path: str | Path, spec: TypeSpec, calib: CalibOptions | None,
                        progress: Progress | None = None, on_plan: Callable[[Any], None] | None = None,
                        log: Log = _stderr, n_threads: int | None = None) -> ConvertSummary:
@@ -203,10 +221,7 @@ def convert_calibrated(model_dir: str | Path, out_path: str | Path, spec: TypeSp
         model = CalibModel(plan, ckpt, model_dir, n_threads)
         infos = model.linears()
         lplan = methods()[spec.method].plan(spec, infos)
-        tokens = None
-        if spec.calibrated:
-            ids = tokenize(docs, convs, model.encode_text, model.render)
-            tokens = sample_windows(ids, calib, model.tokenizer.bos_id if model.tokenizer.vocab.add_bos else None)
+        tokens = _windows(model, docs, convs, calib) if spec.calibrated else None
         runner_ref: list[Runner] = []
         tensors, payloads = _rewrite(plan.tensors, infos, lplan.targets, runner_ref)
         kv = _file_type_kv(plan.kv, spec, lplan.targets) + payload_kv(payloads)

@@ -26,6 +26,7 @@ DEFAULT_DAMP = 0.01  # fraction of mean(diag H) added to the diagonal (GPTQ's pe
 DEFAULT_BLOCK = 128  # columns updated together before the lazy update of the rest
 MAX_DAMP_TRIES = 6  # damping grows 10x per failed Cholesky
 ROWS_PER_GRAM = 8192  # rows of X per f32 product when accumulating X^T X
+TRI_LEAF = 128  # _inv_lower inverts blocks of at most this size with numpy's inv
 
 
 class Grid(Protocol):
@@ -99,6 +100,20 @@ def _blas_single_thread():
     return threadpool_limits(1, user_api="blas")
 
 
+def _inv_lower(m: np.ndarray) -> np.ndarray:
+    """The inverse of a lower-triangular m [n, n] by halves (n^3 / 3 multiply-adds in matrix products, where
+    numpy's LU-based inv takes about 2 n^3): inv [[A, 0], [C, D]] = [[A^-1, 0], [-D^-1 C A^-1, D^-1]]."""
+    n = m.shape[0]
+    if n <= TRI_LEAF:
+        return np.tril(np.linalg.inv(m))
+    k = n // 2
+    a, d = _inv_lower(m[:k, :k]), _inv_lower(m[k:, k:])
+    out = np.zeros_like(m)
+    out[:k, :k], out[k:, k:] = a, d
+    out[k:, :k] = -(d @ (m[k:, :k] @ a))
+    return out
+
+
 def _inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
     """Upper U with U^T U = (H + damp * mean(diag) I)^-1 in H's dtype (f64 here: on SmolLM2's Hessians an f32
     factorization cost 3.6 points of recovered perplexity gap); damping grows until H is positive definite.
@@ -113,13 +128,45 @@ def _inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
             try:
                 hd = h + np.float32(lam) * np.eye(n, dtype=h.dtype)
                 m = np.linalg.cholesky(hd[::-1, ::-1])  # J H J = M M^T
-                u = np.triu(np.linalg.inv(m)[::-1, ::-1])  # R^-1 = J M^-1 J, upper
+                u = np.ascontiguousarray(_inv_lower(m)[::-1, ::-1])  # R^-1 = J M^-1 J, upper
                 if np.isfinite(u).all() and (np.diag(u) > 0).all():
                     return u
             except np.linalg.LinAlgError:
                 pass
             lam *= 10.0
     raise QFError(f"GPTQ: the Hessian stays singular after damping up to {lam:.3g}")
+
+
+@dataclass
+class Factor:
+    """A Hessian made ready for GPTQ, shared by the linears that read one input (q/k/v, gate/up): dead inputs,
+    the column order, the inverse Cholesky factor in that order, and the undamped H for the error measure."""
+
+    h: np.ndarray  # f64 [n_in, n_in]: as given (undamped, dead inputs untouched)
+    dead: np.ndarray  # bool [n_in]: zero diagonal
+    importance: np.ndarray  # f32 [n_in]: diag(H), dead inputs 1
+    perm: np.ndarray  # int64 [n_in]: processing order (identity without act-order)
+    u: np.ndarray  # f32 [n_in, n_in]: upper, U^T U = (H_perm + damping)^-1, factorized in f64
+    h32: np.ndarray  # f32 [n_in, n_in]: h for output_loss
+    damp: float
+    act_order: bool
+
+
+def factor(h: np.ndarray, damp: float = DEFAULT_DAMP, act_order: bool = False) -> Factor:
+    """Prepare Hessian h f64 [n_in, n_in] for gptq(): dead inputs get H[j, j] = 1, act_order sorts the columns by
+    descending diag(H), then the damped inverse Cholesky factor."""
+    h0 = np.asarray(h, dtype=np.float64)
+    n = h0.shape[0]
+    if h0.shape != (n, n):
+        raise QFError(f"GPTQ: Hessian of shape {h0.shape} is not square")
+    if not np.isfinite(h0).all():
+        raise QFError("GPTQ: the Hessian holds inf/NaN")
+    hh = np.array(h0)
+    dead = np.diag(hh) <= 0
+    hh[dead, dead] = 1.0
+    perm = np.argsort(-np.diag(hh), kind="stable") if act_order else np.arange(n)
+    u = _inverse_cholesky(hh[np.ix_(perm, perm)], damp).astype(np.float32)
+    return Factor(h0, dead, np.diag(hh).astype(np.float32), perm, u, h0.astype(np.float32), damp, act_order)
 
 
 @dataclass
@@ -137,35 +184,31 @@ class GPTQResult:
         return self.loss / self.energy if self.energy > 0 else 0.0
 
 
-def gptq(w: np.ndarray, h: np.ndarray, grid: Grid, block: int = DEFAULT_BLOCK, damp: float = DEFAULT_DAMP,
+def gptq(w: np.ndarray, h: np.ndarray | Factor, grid: Grid, block: int = DEFAULT_BLOCK, damp: float = DEFAULT_DAMP,
          act_order: bool = False, static_groups: bool = False) -> GPTQResult:
-    """Quantize w f32 [rows, n_in] onto `grid` with GPTQ's error feedback under Hessian h f64 [n_in, n_in].
+    """Quantize w f32 [rows, n_in] onto `grid` with GPTQ's error feedback under Hessian h f64 [n_in, n_in] (or its
+    Factor, which then fixes damp and act_order: linears sharing an input factorize once).
 
     act_order: visit columns by descending diag(H). static_groups: fit every group on the original weights
     before the loop, in column order (groups stay contiguous under act-order); otherwise each group is fitted
     when the loop reaches its first column (under act-order that group holds the next `group` columns visited).
     """
+    f = h if isinstance(h, Factor) else factor(h, damp, act_order)
     w0 = np.asarray(w, dtype=np.float32)
     w = np.array(w0, dtype=np.float32)  # w: [rows, n_in], updated in place
-    h0 = np.asarray(h, dtype=np.float64)
-    h = np.array(h0, dtype=np.float64)
     rows, n = w.shape
-    if h.shape != (n, n):
-        raise QFError(f"GPTQ: Hessian {h.shape} does not match a weight of {n} inputs")
-    if not (np.isfinite(w).all() and np.isfinite(h).all()):
-        raise QFError("GPTQ: the weight or the Hessian holds inf/NaN")
-    dead = np.diag(h) <= 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    importance = np.diag(h).astype(np.float32)
+    if f.h.shape != (n, n):
+        raise QFError(f"GPTQ: Hessian {f.h.shape} does not match a weight of {n} inputs")
+    if not np.isfinite(w).all():
+        raise QFError("GPTQ: the weight holds inf/NaN")
+    w[:, f.dead] = 0.0
+    importance, perm, u = f.importance, f.perm, f.u
     g = n if grid.group <= 0 else grid.group
     if static_groups or grid.group <= 0:
         for c0 in range(0, n, g):
             cols = np.arange(c0, min(n, c0 + g))
             grid.fit(w[:, cols], cols, importance[cols])
-    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(n)
-    w, hp = w[:, perm], h[np.ix_(perm, perm)]
-    u = _inverse_cholesky(hp, damp).astype(np.float32)  # u: [n, n] upper, factorized in f64
+    w = w[:, perm]
     fit_inline = grid.group > 0 and not static_groups
     if fit_inline:
         block = g * max(1, -(-block // g))  # whole groups per block: a group is fitted on up-to-date columns
@@ -187,7 +230,16 @@ def gptq(w: np.ndarray, h: np.ndarray, grid: Grid, block: int = DEFAULT_BLOCK, d
             grid.record(cols, codes)
         w[:, b1:] -= err @ u[b0:b1, b1:]
     q = grid.values()
-    return GPTQResult(q, perm, output_loss(w0, q, h0), output_loss(w0, np.zeros_like(q), h0))
+    loss, energy = _losses(w0, q, f.h32)
+    return GPTQResult(q, perm, loss, energy)
+
+
+def _losses(w: np.ndarray, q: np.ndarray, h32: np.ndarray) -> tuple[float, float]:
+    """output_loss of q and of zero against w, from one product with h32 f32 [n_in, n_in]."""
+    rows = w.shape[0]
+    d = np.concatenate([w - q, w])  # d: [2 rows, n_in]
+    e = ((d @ h32) * d).reshape(2, rows, -1).sum(axis=(1, 2), dtype=np.float64) / 2.0
+    return float(e[0]), float(e[1])
 
 
 def output_loss(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> float:

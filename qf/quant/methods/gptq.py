@@ -5,6 +5,7 @@ same integer grids (`RTN-W4G64`, ...: the baseline, no calibration)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -33,6 +34,7 @@ class GPTQParams:
     act_order: str = "none"
     damp: float = DEFAULT_DAMP
     keep_payload: bool = False
+    shrink: int = 0  # GPTQ's integer grids: range search over 1, 0.99, ... (qf.quant.grids.IntGrid); 0: min/max
 
 
 def _name(prefix: str, bits: int, group: int, sym: bool) -> str:
@@ -137,24 +139,24 @@ class GPTQMethod:
             todo = [r for r in group.roles if r in layer.linears]
             if not todo:
                 return
-            h = group.hessian()
+            from qf.quant.gptq import factor
+            f = factor(group.hessian(), p.damp, act_order=p.act_order != "none" and not p.ggml)  # once per input
             for role in todo:
-                (self._ggml if p.ggml else self._int)(layer, role, p, h)
+                (self._ggml if p.ggml else self._int)(layer, role, p, f)
 
         return layer.run(hook)
 
     @staticmethod
-    def _int(layer: CalibLayer, role: str, p: GPTQParams, h: np.ndarray | None) -> None:
+    def _int(layer: CalibLayer, role: str, p: GPTQParams, h: Any) -> None:
         """One linear on an integer grid; emitted as its payload or the ggml type that holds it exactly."""
         from qf.quant.gptq import gptq, rtn
         from qf.quant.grids import IntGrid
         w = layer.weight(role)
-        grid = IntGrid(w.shape[0], w.shape[1], p.bits, p.group, p.sym)
+        grid = IntGrid(w.shape[0], w.shape[1], p.bits, p.group, p.sym, shrink=0 if h is None else p.shrink)
         if h is None:
             q = rtn(w, grid)
-        else:
-            r = gptq(w, h, grid, damp=p.damp, act_order=p.act_order != "none",
-                     static_groups=p.act_order == "static")
+        else:  # h: the input's qf.quant.gptq.Factor (damping and act-order fixed there)
+            r = gptq(w, h, grid, static_groups=p.act_order == "static")
             q = r.q
             layer.report(role, r.relative)
         layer.set_weight(role, q)
@@ -170,7 +172,7 @@ class GPTQMethod:
         layer.emit(role, encode_rows(rule, scheme, arrays, w.shape[1]))
 
     @staticmethod
-    def _ggml(layer: CalibLayer, role: str, p: GPTQParams, h: np.ndarray) -> None:
+    def _ggml(layer: CalibLayer, role: str, p: GPTQParams, f: Any) -> None:
         """One linear on its planned ggml type: GPTQ with the type's blocks as the grid where GPTQ has one,
         else the type's own quantizer (importance = diag(H))."""
         from qf.quant.codecs import get_codec
@@ -181,11 +183,11 @@ class GPTQMethod:
         codec = get_codec(qtype)
         if qtype in CODE_RANGE and w.shape[1] % codec.block_size == 0:
             grid = GgmlGrid(qtype, w.shape[0], w.shape[1])
-            r = gptq(w, h, grid, damp=p.damp)
+            r = gptq(w, f, grid)
             stored = grid.tensor()
             layer.report(role, r.relative)
         else:
-            stored = codec.quantize(w, np.diag(h).astype(np.float32))
+            stored = codec.quantize(w, np.diag(f.h).astype(np.float32))
         layer.set_weight(role, codec.dequantize(stored).reshape(w.shape))
         layer.emit(role, stored)
 
