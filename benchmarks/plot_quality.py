@@ -117,14 +117,21 @@ def write_svg(rows: list[dict], path: Path, title: str = "KLD vs F16 by bits per
 
 
 def markdown(rows: list[dict]) -> str:
-    """README table: quantized rows by KLD, then the F16 reference."""
-    lines = ["| mix | bits/weight | KLD vs F16 | top-1 % | PPL | quantize s |", "|---|---|---|---|---|---|"]
-    for r in sorted(points(rows), key=lambda r: r["kld"]):
+    """README table: quantized rows by KLD, then the F16 reference; an importance column when rows used different
+    importance matrices (bench_quality's `imatrix` field, e.g. rows reused from a run with llama-imatrix's)."""
+    pts = sorted(points(rows), key=lambda r: r["kld"])
+    sources = {r.get("imatrix") for r in pts}
+    imx = len(sources) > 1
+    lines = ["| mix | bits/weight | KLD vs F16 | top-1 % | PPL | quantize s |" + (" importance |" if imx else ""),
+             "|---|---|---|---|---|---|" + ("---|" if imx else "")]
+    for r in pts:
+        src = f" {Path(str(r.get('imatrix'))).name if r.get('imatrix') else '-'} |" if imx else ""
         lines.append(f"| {r['type']} | {r['bpw']:.2f} | {r['kld']:.3g} ± {r['kld_err']:.1g} | "
-                     f"{100 * r['same_top']:.1f} | {r['ppl']:.4g} | {r['convert_s']:.0f} |")
+                     f"{100 * r['same_top']:.1f} | {r['ppl']:.4g} | {r['convert_s']:.0f} |{src}")
     ref = [r for r in rows if r["type"] == "F16"]
     if ref:
-        lines.append(f"| F16 (reference) | 16.00 | 0 | 100 | {ref[0]['ppl']:.4g} | {ref[0]['convert_s']:.0f} |")
+        lines.append(f"| F16 (reference) | 16.00 | 0 | 100 | {ref[0]['ppl']:.4g} | {ref[0]['convert_s']:.0f} |"
+                     + (" - |" if imx else ""))
     return "\n".join(lines) + "\n"
 
 

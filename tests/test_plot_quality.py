@@ -58,3 +58,11 @@ def test_cli_writes_beside_results(tmp_path):
 def test_no_rows_is_an_error(plot_quality):
     with pytest.raises(ValueError, match="no quantized rows"):
         plot_quality.svg_text(ROWS[:2], "t")
+
+
+def test_markdown_names_importance_sources_when_they_differ(plot_quality):
+    rows = [dict(r, imatrix="/x/imatrix.gguf") for r in ROWS]
+    assert "importance" not in plot_quality.markdown(rows)
+    rows[-1]["imatrix"] = "/y/lc-imatrix.gguf"
+    lines = plot_quality.markdown(rows).splitlines()
+    assert lines[0].endswith("importance |") and lines[-2].endswith("lc-imatrix.gguf |")
