@@ -129,10 +129,14 @@ def run_sampled(cmd: list[str]) -> ChildRun:
     def read_err() -> None:
         for line in p.stderr:
             try:
-                r.marks.append((line.strip(), status_kib(p.pid, "VmRSS") * 1024))
+                rss, hwm = (status_kib(p.pid, k) * 1024 for k in ("VmRSS", "VmHWM"))
             except (OSError, RuntimeError):
-                pass
+                rss = hwm = 0
+            r.marks.append((line.strip(), rss))
             r.stderr.append(line)
+            if "layer" in line:  # live: a long run shows its figures as it goes
+                print(f"  VmRSS {rss / MIB:7,.0f} MiB, peak so far {hwm / MIB:7,.0f} MiB  {line.strip()[:100]}",
+                      flush=True)
 
     th = threading.Thread(target=read_err, daemon=True)
     th.start()
@@ -195,7 +199,7 @@ def measure(a: argparse.Namespace, work: Path) -> None:
     if r.rc != 0:
         sys.exit(f"qconvert failed (exit {r.rc}):\n{''.join(r.stderr[-20:])}")
     for line, rss in r.marks:
-        if "layer" in line or "calibration" in line:
+        if "calibration" in line:
             print(f"  VmRSS {rss / MIB:7,.0f} MiB  {line[:110]}")
     base = imports_rss()
     rows = a.samples * a.seqlen

@@ -14,8 +14,10 @@ import json
 import os
 import sys
 
-# CPU engine defaults for a small shared machine (each may be overridden from the environment).
-ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_TARGET_DEVICE": "cpu",
+# CPU engine defaults for a small shared machine (each may be overridden from the environment). VLLM_CPU_INT4_W4A8=0:
+# on AMX CPUs vLLM 0.32 otherwise runs 4-bit linears with int8 activations (W4A8, int4_scaled_mm_cpu), not W4A16.
+ENV_DEFAULTS = {"VLLM_CPU_INT4_W4A8": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+                "VLLM_TARGET_DEVICE": "cpu",
                 "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
 
 
