@@ -14,7 +14,7 @@ from qf.format.errors import ContextOverflowError, ModelClosedError, ModelError,
 from qf.format.model_check import unsupported_architecture
 from qf.format.reader import open_gguf
 from qf.runtime.arch import all_forwards
-from qf.runtime.backend import CpuBackend
+from qf.runtime.backend import FLASH_MIN_ROWS, CpuBackend, CpuKV
 from qf.runtime.devices import gpu_may_exist
 from qf.runtime.placement import Placement, build_forward, placement_from_plan, uniform_placement
 from qf.runtime.planner import Plan, TensorOverride, moe_overrides, parse_overrides, plan_from_file
@@ -135,7 +135,7 @@ class Model:
         or loaded from numba's cache) and the first page-in of the weights count as load time, not as prompt
         time. The prefill kernels compile on the first prompt, only those its length needs (a fresh install's
         first long prompt never compiles the short-batch kernels). precompile: those of the integer prefill path
-        compile meanwhile in background processes (one per spare core) when numba's disk cache lacks them, so a
+        compile meanwhile in background processes (one per core) when numba's disk cache lacks them, so a
         fresh install's first prompt finds them there (kernels.cpu.precompile_background).
         """
         t0 = time.perf_counter()
@@ -184,9 +184,23 @@ class Model:
             if eng.n_ctx >= 2:
                 eng.prefill([tok])
                 eng.step(tok)
+            self._warmup_prefill_attention()
             eng.cache.clear()
             if eng.threads is not None:
                 eng.threads.reset()
+
+    def _warmup_prefill_attention(self) -> None:
+        """Run the tiled prefill attention of the first CPU layer once on zeros (it reads the cache, writes
+        nothing): a fresh install compiles it here, while the background processes compile the integer
+        prefill kernels, and its first prompt then only waits for those."""
+        eng, hp = self._engine, self.hparams
+        kv = next((layer for layer in eng.cache.layers if isinstance(layer, CpuKV)), None)
+        n = FLASH_MIN_ROWS
+        if kv is None or eng.n_ctx < n or hp.head_dim % 16:
+            return
+        eng.bind_threads()
+        q = np.zeros((n, hp.n_head, hp.head_dim), np.float32)  # [M, H, D] as the layers give it
+        kv.attend(q, np.zeros(n, np.int64), np.arange(n, dtype=np.int64))
 
     # -- properties ------------------------------------------------------------------------------------
     @property

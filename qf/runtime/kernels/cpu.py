@@ -350,16 +350,17 @@ def precompile_async(types: Iterable[GGMLType | int | str], parts: int | None = 
 
 def precompile_background(types: Iterable[GGMLType | int | str], parts: int | None = None,
                           processes: int | None = None) -> list[subprocess.Popen]:
-    """`precompile` of the uncached types in up to `processes` background processes (default: one per spare
-    core, at least one), costliest types spread first; the integer kernels of this process wait for them
-    (`wait_precompiled`) instead of compiling the same code again. [] when there is nothing to do."""
+    """`precompile` of the uncached types in up to `processes` background processes (default: one per core:
+    the caller compiles its decode kernels meanwhile, and the system shares the cores out), the types dealt
+    in turn; the integer kernels of this process wait for them (`wait_precompiled`) instead of compiling the
+    same code again. [] when there is nothing to do."""
     want = {GGMLType[t] if isinstance(t, str) else GGMLType(t) for t in types} & set(IDECODERS)
     todo = sorted((t for t in want - _STARTED if (m := _precompiled_marker(t, parts)) is not None and not m.exists()),
                   key=lambda t: (-IDECODERS[t].subs, t.name))
     if not todo or numba.config.DISABLE_JIT:
         return []
     _STARTED.update(todo)
-    n = max(1, min(len(todo), _spare_cores() if processes is None else int(processes)))
+    n = max(1, min(len(todo), _cores() if processes is None else int(processes)))
     shares = [todo[i::n] for i in range(n)]
     code = "import sys; from qf.runtime.kernels import cpu; cpu.precompile(sys.argv[2:], int(sys.argv[1]))"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[3]),
@@ -372,13 +373,12 @@ def precompile_background(types: Iterable[GGMLType | int | str], parts: int | No
     return procs
 
 
-def _spare_cores() -> int:
-    """Cores this process may run on, less the one it compiles on itself."""
+def _cores() -> int:
+    """Cores this process may run on."""
     try:
-        n = len(os.sched_getaffinity(0))
+        return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
-        n = os.cpu_count() or 1
-    return max(1, n - 1)
+        return max(1, os.cpu_count() or 1)
 
 
 _BACKGROUND: list[subprocess.Popen] = []  # precompile processes the integer kernels wait for
