@@ -47,15 +47,18 @@ def llama_bench(binary: Path, model: Path, n_prompt: int, n_gen: int, threads: i
     return res
 
 
-def qbench(model: Path, n_prompt: int, n_gen: int, threads: int, source: Path | None = None) -> dict[str, float]:
-    """{"pp512": t/s, "tg128": t/s} from one qbench run (of the qf source tree `source` when given)."""
+def qbench(model: Path, n_prompt: int, n_gen: int, threads: int, source: Path | None = None,
+           repack: bool = False) -> dict[str, float]:
+    """{"pp512": t/s, "tg128": t/s} from one qbench run (of the qf source tree `source` when given; repack:
+    `qbench --repack`)."""
     env = dict(os.environ)
     if source is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(source), *filter(None, [env.get("PYTHONPATH")])])
     with tempfile.TemporaryDirectory() as d:
         js = Path(d) / "q.json"
         subprocess.run([sys.executable, "-m", "qf.tools.qbench", str(model), "-p", str(n_prompt), "-n", str(n_gen),
-                        "-t", str(threads), "-r", "1", "--json", str(js)], capture_output=True, text=True, check=True,
+                        "-t", str(threads), "-r", "1", "--json", str(js)] + (["--repack"] if repack else []),
+                       capture_output=True, text=True, check=True,
                        env=env)
         return {r["test"]: float(r["median_tps"]) for r in json.loads(js.read_text())["results"]}
 
@@ -70,6 +73,9 @@ def main() -> None:
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--qf-base", type=Path, help="also qbench from this qf source tree (a baseline), every round")
+    ap.add_argument("--repack", action="store_true",
+                    help="run our side as `qbench --repack` (llama-bench repacks by default; the baseline never does: "
+                         "--qf-base . then measures repacking against no repacking in the same rounds)")
     args = ap.parse_args()
     if not args.llama_bench.is_file():
         sys.exit(f"no llama-bench at {args.llama_bench}")
@@ -80,7 +86,7 @@ def main() -> None:
     sides = {"llama.cpp": lambda p: llama_bench(args.llama_bench, p, args.n_prompt, args.n_gen, args.threads)}
     if args.qf_base is not None:
         sides["qf base"] = lambda p: qbench(p, args.n_prompt, args.n_gen, args.threads, args.qf_base)
-    sides["qf"] = lambda p: qbench(p, args.n_prompt, args.n_gen, args.threads)
+    sides["qf"] = lambda p: qbench(p, args.n_prompt, args.n_gen, args.threads, repack=args.repack)
     runs: dict[tuple[str, str, str], list[float]] = {}
     for k in range(args.rounds):
         print(f"round {k + 1}: load average {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)

@@ -161,9 +161,11 @@ class CpuBackend:
     name = "cpu"
 
     def __init__(self, n_threads: int | None = None, repack: bool = False) -> None:
-        """repack: keep each quantized weight's integer panels in RAM (kernels/cpu_repack.py), built the first
-        time the weight is multiplied (embedding tables that are only looked up are never repacked): decode
-        1.4-2.5x faster per product, at `repacked_bytes` of RAM beyond the mmap (Q4_0/Q4_K 1.33x the file)."""
+        """repack: keep each quantized weight of cpu_repack.DEFAULT_TYPES as integer panels in RAM
+        (kernels/cpu_repack.py), built the first time the weight is multiplied (an embedding table that is
+        only looked up is never repacked); decode steps then run on 8-bit activations and merged Q/K/V and
+        gate/up calls. It costs `repacked_bytes` of RAM beyond the mmap (Q4_0, Q4_1, Q8_0: the file's size;
+        Q4_K 1.33x, Q6_K 1.52x)."""
         # numba cannot use more threads than its pool was started with (NUMBA_NUM_THREADS)
         self.n_threads = None if n_threads is None else max(1, min(int(n_threads), numba.config.NUMBA_NUM_THREADS))
         self.repack = bool(repack)

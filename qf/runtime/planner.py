@@ -767,6 +767,34 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def repack_ram(path: str | os.PathLike) -> tuple[int, dict[str, int]]:
+    """RAM that repacking (`--repack`, kernels/cpu_repack.py) takes for a file's matrices, from its header:
+    (bytes, bytes per ggml type name). Every 2-D (and expert 3-D) weight of a repacked type counts except an
+    embedding table that is only looked up (token_embd when the file has its own output head)."""
+    from qf.runtime.kernels.cpu_repack import DEFAULT_TYPES, repack_bytes
+
+    per: dict[str, int] = {}
+    with open_gguf(path) as f:
+        tied = "output.weight" not in f.tensors
+        for name, ti in f.tensors.items():
+            if len(ti.ne) < 2 or ti.type not in DEFAULT_TYPES or (name == "token_embd.weight" and not tied):
+                continue
+            if name.startswith("token_embd") and name != "token_embd.weight":
+                continue
+            mats = math.prod(ti.ne[2:])
+            n = mats * repack_bytes(ti.type, ti.ne[0], ti.ne[1])
+            if n:
+                per[ti.type.name] = per.get(ti.type.name, 0) + n
+    return sum(per.values()), per
+
+
+def format_repack(path: str | os.PathLike) -> str:
+    """One line: the RAM --repack adds beyond the mmap'd file, per type."""
+    total, per = repack_ram(path)
+    parts = ", ".join(f"{t} {fmt_bytes(n)}" for t, n in sorted(per.items()))
+    return f"repack: {fmt_bytes(total)} of RAM for integer panels beyond the mmap'd file ({parts or 'no repacked types'})"
+
+
 # ----------------------------------------------------------------------------------------------- entry
 
 def plan_from_file(path: str | os.PathLike, n_ctx: int | None = None, gpu_layers: int | str = "auto",

@@ -112,21 +112,29 @@ def format_table(name: str, size: int, params: int, threads: int, results: list[
 @click.option("-r", "--repetitions", type=int, default=5, show_default=True, help="Timed runs per test.")
 @click.option("-t", "--threads", "n_threads", type=int, default=None, help="CPU threads (default: physical cores).")
 @click.option("-b", "--batch-size", "n_batch", type=int, default=512, show_default=True, help="Prompt batch size.")
+@click.option("--repack", is_flag=True, help="Repack quantized weights into integer panels (RAM beyond the mmap; "
+              "llama-bench repacks by default, -nr 1 turns it off).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Also write results as JSON.")
 @kv_cache_options
 def main(model_path: Path, n_prompt: int, n_gen: int, repetitions: int, n_threads: int | None, n_batch: int,
-         json_out: Path | None, type_k: str, type_v: str) -> None:
+         json_out: Path | None, type_k: str, type_v: str, repack: bool) -> None:
     """Measure prompt (ppN) and generation (tgN) tokens/s of MODEL_PATH; median of -r runs."""
     from qf.runtime import Model
     from qf.runtime.api import default_threads
+    from qf.runtime.backend import CpuBackend
 
     if repetitions < 1:
         raise click.BadParameter("must be at least 1", param_hint="-r")
     threads = n_threads or default_threads()
+    cpu = CpuBackend(threads, repack=repack)
     try:
         with Model.load(model_path, n_ctx=max(n_prompt, n_gen, 1), n_threads=threads, n_batch=n_batch,
-                        type_k=type_k, type_v=type_v) as model:
+                        type_k=type_k, type_v=type_v, cpu_backend=cpu) as model:
             results = run_bench(model, n_prompt, n_gen, repetitions)
+            if repack:
+                from qf.runtime.planner import fmt_bytes
+
+                click.echo(f"repacked weights: {fmt_bytes(cpu.repacked_bytes)} of RAM", err=True)
         size, params = model_facts(model_path)
     except QFError as e:
         click.echo(f"qbench: error: {e}", err=True)

@@ -154,6 +154,14 @@ def moe_options(f: Any) -> Any:
     return click.option("--cpu-moe", is_flag=True, help="Keep every layer's expert tensors on the CPU.")(f)
 
 
+def _repack_backend(n_threads: int | None) -> Any:
+    """A CPU backend that repacks quantized weights into integer panels (kernels/cpu_repack.py)."""
+    from qf.runtime.api import default_threads
+    from qf.runtime.backend import CpuBackend
+
+    return CpuBackend(n_threads or default_threads(), repack=True)
+
+
 def moe_kwargs(cpu_moe: bool, n_cpu_moe: int, override_tensor: tuple[str, ...]) -> dict[str, Any]:
     """The expert placement flags as Model.load keyword arguments."""
     return dict(cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe, override_tensor=list(override_tensor) or None)
@@ -189,6 +197,8 @@ def moe_kwargs(cpu_moe: bool, n_cpu_moe: int, override_tensor: tuple[str, ...]) 
 @click.option("-ts", "--tensor-split", default=None, help="Split layers across GPUs by these ratios, e.g. 3,1.")
 @click.option("--plan", "plan_only", is_flag=True,
               help="Print the device placement and memory breakdown without loading weights, then exit.")
+@click.option("--repack", is_flag=True,
+              help="Keep quantized weights as integer panels in RAM (faster decode; the RAM it takes is printed).")
 @kv_cache_options
 @moe_options
 @click.option("--allow-context-extension", is_flag=True,
@@ -198,7 +208,7 @@ def main(model_path: Path, prompt: str | None, prompt_file: Path | None, n_predi
          repeat_penalty: float, repeat_last_n: int, seed: int, system_prompt: str | None, force_chat: bool,
          stop: tuple[str, ...], no_display_prompt: bool, gpu_layers: str | None, vram: str | None,
          tensor_split: str | None, plan_only: bool, type_k: str, type_v: str, cpu_moe: bool, n_cpu_moe: int,
-         override_tensor: tuple[str, ...], allow_context_extension: bool) -> None:
+         override_tensor: tuple[str, ...], allow_context_extension: bool, repack: bool) -> None:
     """Run MODEL_PATH (.qf or .gguf): complete -p, or chat interactively when no prompt is given."""
     from qf.runtime import Model
 
@@ -220,14 +230,23 @@ def main(model_path: Path, prompt: str | None, prompt_file: Path | None, n_predi
             click.echo(format_plan(plan_from_file(model_path, n_ctx or None, "auto" if ngl is None else ngl,
                                                   vram=vram, n_batch=n_batch, tensor_split=tensor_split,
                                                   type_k=type_k, type_v=type_v, overrides=overrides)))
+            if repack:
+                from qf.runtime.planner import format_repack
+
+                click.echo(format_repack(model_path))
             return
+        cpu = _repack_backend(n_threads) if repack else None
         model = Model.load(model_path, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch, gpu_layers=ngl,
                            vram=vram, tensor_split=tensor_split, type_k=type_k, type_v=type_v,
-                           allow_context_extension=allow_context_extension,
+                           allow_context_extension=allow_context_extension, cpu_backend=cpu,
                            **moe_kwargs(cpu_moe, n_cpu_moe, override_tensor))
         if model.plan is not None:
             _err(f"qrun: {model.plan.summary()}")
         _err(f"qrun: loaded {model} in {model.load_seconds:.2f} s")
+        if cpu is not None:
+            from qf.runtime.planner import fmt_bytes
+
+            _err(f"qrun: repacked weights: {fmt_bytes(cpu.repacked_bytes)} of RAM beyond the mmap'd file")
         totals = Totals()
         with model:
             if prompt is None:
