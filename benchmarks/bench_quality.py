@@ -124,14 +124,18 @@ def conversion_jobs(hf: Path, types: list[str], raw: Path | None, imatrix: Path 
 
 
 def convert_one(name: str, src: Path, qtype: str, imatrix: Path | None, out: Path) -> dict:
-    """Convert in-process; size, bits/weight, convert seconds and tensor types of the file."""
+    """Convert in-process; size, bits/weight, convert wall and CPU seconds and tensor types of the file."""
     from qf.convert.pipeline import convert
     from qf.quant.imatrix import load_imatrix
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     s = convert(src, out / f"smollm2-{name.replace(' ', '-')}.qf", qtype,
                 imatrix=None if imatrix is None else load_imatrix(imatrix))
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime  # robust to a loaded machine
     print(f"converted {name}: {s.file_bytes / 2**20:.1f} MiB, {s.bits_per_weight:.2f} bpw, {s.seconds:.1f} s",
           file=sys.stderr)
     return {"path": str(s.path), "file_bytes": s.file_bytes, "bpw": s.bits_per_weight, "convert_s": s.seconds,
+            "convert_cpu_s": cpu,
             "types": dict(s.types), "imatrix": None if imatrix is None else str(imatrix)}
 
 
@@ -176,6 +180,12 @@ def _num(v: float, fmt: str) -> str:
     return "-" if v != v else format(v, fmt)
 
 
+def _convert_s(r: dict) -> str:
+    """Convert wall seconds, and CPU seconds where measured: '12.3 (20.1 CPU)'."""
+    cpu = r.get("convert_cpu_s")
+    return f"{r['convert_s']:.1f}" + ("" if cpu is None else f" ({cpu:.0f} CPU)")
+
+
 def table(rows: list[dict], args: argparse.Namespace) -> str:
     """The markdown table."""
     head = ("| type | size MiB | bits/weight | convert s | PPL | ln(PPL/PPL_F16) | KLD vs F16 | top-1 % | "
@@ -188,7 +198,7 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
         kld = "0 (reference)" if ref else f"{r['kld']:.4g} ± {r['kld_err']:.2g}"
         top = "100 (reference)" if ref else f"{100 * r['same_top']:.2f}"
         lnr = "0" if ref else f"{r['ln_ppl_ratio']:+.5f}"
-        lines.append(f"| {r['type']} | {r['file_bytes'] / 2**20:.1f} | {r['bpw']:.2f} | {r['convert_s']:.1f} | "
+        lines.append(f"| {r['type']} | {r['file_bytes'] / 2**20:.1f} | {r['bpw']:.2f} | {_convert_s(r)} | "
                      f"{r['ppl']:.4f} ± {r['ppl_err']:.4f} | {lnr} | {kld} | {top} | "
                      f"{_num(r['prefill_tps'], '.1f')} | {_num(r['decode_tps'], '.1f')} | "
                      f"{_num(r['rss'] / 2**20, '.0f')} | "
