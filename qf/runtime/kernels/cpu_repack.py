@@ -39,7 +39,7 @@ from qf.runtime.kernels.cpu_idecode import IDECODERS
 from qf.runtime.kernels.cpu_int8 import (PANEL, UNIT, UNIT_BYTES, _build_panel, _store, _store4, _tokens, _unit1, _unit2,
                                          quantize_row)
 from qf.runtime.kernels.cpu_isimd import q8x64, wload
-from qf.runtime.kernels.cpu_simd import f32x16, vmul, vsplat, vzero
+from qf.runtime.kernels.cpu_simd import f32x16, prefetch, vmul, vsplat, vzero
 
 # ggml types whose unsigned quants fit in 4 bits: their panels hold nibbles (the other integer types: bytes).
 NIBBLE_TYPES = frozenset({GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K, GGMLType.Q3_K, GGMLType.Q2_K})
@@ -55,6 +55,7 @@ HALF_SCALE_TYPES = frozenset({GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLT
 # 4- and 8-bit types at 1x, the Q4_K_M mix's Q4_K and Q6_K); repack() itself takes any integer-kernel type
 DEFAULT_TYPES = frozenset({GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K})
 
+PREFETCH = 2048  # decode: bytes ahead of the unit being read (as the f32 kernels, cpu_drivers.py)
 SERIAL_TOKENS = 8  # batches of at most this many tokens are quantized in the calling thread (no fork-join)
 
 
@@ -229,6 +230,8 @@ def rone1(stamp, kind, isa, q, qx, dx, sx, out, t, r0):
     ub = _unit_bytes(q)
     f0 = vzero()
     for u in range(n_units):
+        for k in range(0, ub, 64):  # a decode step streams the panels once: fetch ahead
+            prefetch(q, ub * u + PREFETCH + k)
         w0, w1, w2, w3, w4, w5, w6, w7 = _slices(q, ub * u)
         s, m = _scales(kind, q, qb, fl, PANEL * u)
         f0 = _unit1(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, t0 * n_in + UNIT * u, plane, s, m, dx[t0, u], sx[t0, u],
@@ -274,6 +277,8 @@ def rone2(stamp, kind, isa, q, qx, dx, sx, out, t, r0):
     ub = _unit_bytes(q)
     f0 = vzero()
     for u in range(n_units):
+        for k in range(0, ub, 64):  # a decode step streams the panels once: fetch ahead
+            prefetch(q, ub * u + PREFETCH + k)
         w0, w1, w2, w3, w4, w5, w6, w7 = _slices(q, ub * u)
         k = 2 * PANEL * u
         v = 2 * u
