@@ -65,7 +65,7 @@ def run_child(path: Path, n_prompt: int, threads: int, cache: str, background: b
         env["PYTHONPATH"] = os.pathsep.join([str(source), *filter(None, [env.get("PYTHONPATH")])])
     c0, t0 = _children_cpu(), time.perf_counter()
     out = subprocess.run([sys.executable, "-c", CHILD, str(path), str(n_prompt), str(threads), str(int(background))],
-                         env=env, capture_output=True, text=True, check=True)
+                         env=env, capture_output=True, text=True, check=True, cwd=cache)  # not a source tree's root
     wall = time.perf_counter() - t0
     res = json.loads(out.stdout.strip().splitlines()[-1])
     res["wall"], res["cpu"] = wall, _children_cpu() - c0
