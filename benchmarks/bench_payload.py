@@ -2,6 +2,7 @@
 
     python benchmarks/bench_payload.py                 # SmolLM2-135M's layer, 2 threads, 15 rounds
     python benchmarks/bench_payload.py --rounds 30 --threads 1
+    python benchmarks/bench_payload.py --threads 1 --cpu-time --reps 100   # on a loaded machine
 
 Pairs (same weights on both sides where the grid allows):
   int W4 g64 sym payload  vs  Q4_0 (the payload transcoded exactly: fp16 scales)
@@ -124,9 +125,14 @@ def _token(backend: Any, mats: list[Any], xs: list[np.ndarray]) -> float:
     return time.perf_counter() - t0
 
 
-def _best(backend: Any, mats: list[Any], xs: list[np.ndarray], reps: int) -> float:
-    """Fastest of reps tokens."""
-    return min(_token(backend, mats, xs) for _ in range(reps))
+def _best(backend: Any, mats: list[Any], xs: list[np.ndarray], reps: int, cpu: bool = False) -> float:
+    """Fastest of reps tokens (wall clock), or with cpu the process CPU seconds of reps tokens over reps."""
+    if not cpu:
+        return min(_token(backend, mats, xs) for _ in range(reps))
+    t0 = time.process_time()
+    for _ in range(reps):
+        _token(backend, mats, xs)
+    return (time.process_time() - t0) / reps
 
 
 def main() -> None:
@@ -137,6 +143,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--reps", type=int, default=20, help="tokens per side per round (the fastest counts)")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time by process CPU seconds (mean of the reps tokens) instead of the fastest wall time: "
+                    "steadier on a loaded machine with --threads 1 (idle OpenMP workers spin, so not with more)")
     args = ap.parse_args()
     import numba
 
@@ -157,7 +166,7 @@ def main() -> None:
         _best(be, pm, xs, args.reps), _best(be, gm, xs, args.reps)  # compile, warm the threads
         tp, tg, ratio = [], [], []
         for _ in range(args.rounds):
-            a, b = _best(be, pm, xs, args.reps), _best(be, gm, xs, args.reps)
+            a, b = _best(be, pm, xs, args.reps, args.cpu_time), _best(be, gm, xs, args.reps, args.cpu_time)
             tp.append(a), tg.append(b), ratio.append(b / a)
         print(f"| {pname} | {statistics.median(tp) * 1e6:.0f} | {gname} | {statistics.median(tg) * 1e6:.0f} | "
               f"{statistics.median(ratio):.2f}x | {min(ratio):.2f}-{max(ratio):.2f} |")
