@@ -135,7 +135,7 @@ class Model:
         or loaded from numba's cache) and the first page-in of the weights count as load time, not as prompt
         time. The prefill kernels compile on the first prompt, only those its length needs (a fresh install's
         first long prompt never compiles the short-batch kernels). precompile: those of the integer prefill path
-        compile meanwhile in background processes (one per core) when numba's disk cache lacks them, so a
+        compile meanwhile in background processes (one per spare core) when numba's disk cache lacks them, so a
         fresh install's first prompt finds them there (kernels.cpu.precompile_background).
         """
         t0 = time.perf_counter()

@@ -350,17 +350,18 @@ def precompile_async(types: Iterable[GGMLType | int | str], parts: int | None = 
 
 def precompile_background(types: Iterable[GGMLType | int | str], parts: int | None = None,
                           processes: int | None = None) -> list[subprocess.Popen]:
-    """`precompile` of the uncached types in up to `processes` background processes (default: one per core:
-    the caller compiles its decode kernels meanwhile, and the system shares the cores out), the types dealt
-    in turn; the integer kernels of this process wait for them (`wait_precompiled`) instead of compiling the
-    same code again. [] when there is nothing to do."""
+    """`precompile` of the uncached types in up to `processes` background processes, the types dealt in turn
+    (default: one per core beyond the one the caller compiles its decode kernels on, at least one; on 2 cores
+    a second one added ~4 s of CPU, imports and shared kernels compiled twice, for no better balance). The
+    integer kernels of this process wait for them (`wait_precompiled`) instead of compiling the same code
+    again. [] when there is nothing to do."""
     want = {GGMLType[t] if isinstance(t, str) else GGMLType(t) for t in types} & set(IDECODERS)
     todo = sorted((t for t in want - _STARTED if (m := _precompiled_marker(t, parts)) is not None and not m.exists()),
                   key=lambda t: (-IDECODERS[t].subs, t.name))
     if not todo or numba.config.DISABLE_JIT:
         return []
     _STARTED.update(todo)
-    n = max(1, min(len(todo), _cores() if processes is None else int(processes)))
+    n = max(1, min(len(todo), _cores() - 1 if processes is None else int(processes)))
     shares = [todo[i::n] for i in range(n)]
     code = "import sys; from qf.runtime.kernels import cpu; cpu.precompile(sys.argv[2:], int(sys.argv[1]))"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[3]),
