@@ -170,6 +170,7 @@ class CpuBackend:
         self.n_threads = None if n_threads is None else max(1, min(int(n_threads), numba.config.NUMBA_NUM_THREADS))
         self.repack = bool(repack)
         self._packed: dict[kernels.QMatrix, cpu_repack.RepackedMatrix] = {}
+        self._merged: dict[tuple[Any, ...], cpu_repack.MergedCall] = {}  # the merged calls of linears()
         self._pack_lock = threading.Lock()
 
     @property
@@ -255,9 +256,13 @@ class CpuBackend:
         """[linear(w, x, b) for w, b in zip(ws, biases)] for weights that read the same rows x: a prefill batch
         quantizes x once and runs the weights of one type in one parallel call (kernels.matmul_many); each
         result is what `linear` gives, bit for bit."""
-        packed = [self._packed_of(w) for w in ws]
-        if all(r is not None for r in packed):  # decode steps too: one parallel call for Q, K and V
-            ys = cpu_repack.matmul_many(packed, x)
+        merged = self._merged.get(tuple(ws)) if self.repack else None
+        if merged is None and self.repack:
+            packed = [self._packed_of(w) for w in ws]
+            if all(r is not None for r in packed) and len({r.n_in for r in packed}) == 1:
+                merged = self._merged[tuple(ws)] = cpu_repack.MergedCall(packed)
+        if merged is not None:  # decode steps too: one parallel call for Q, K and V
+            ys = merged(x)
         elif exact_rows or x.shape[0] == 1 or not all(isinstance(w, kernels.QMatrix) for w in ws):
             return [self.linear(w, x, b, exact_rows) for w, b in zip(ws, biases)]
         else:

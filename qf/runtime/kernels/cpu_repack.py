@@ -22,7 +22,7 @@ sums in the same order), for any token count: a row depends on its own token onl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numba
@@ -425,6 +425,10 @@ class RepackedMatrix:
 
     base: cpu.QMatrix
     panels: np.ndarray
+    call: "MergedCall" = field(init=False, repr=False)  # this weight alone, worked out once
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "call", MergedCall([self]))
 
     @property
     def type(self) -> GGMLType:
@@ -508,38 +512,54 @@ def _x(x: np.ndarray, n_in: int) -> np.ndarray:
     return x
 
 
+class MergedCall:
+    """matmul_many's kernel calls for fixed weights, worked out once (the per-step Python is a loop over them):
+    the weights grouped by type, up to three per call."""
+
+    __slots__ = ("n_in", "n_out", "calls")
+
+    def __init__(self, ws: Sequence[RepackedMatrix]) -> None:
+        if not ws or any(w.n_in != ws[0].n_in for w in ws):
+            raise RepackError("merged products need one or more weights of one input size")
+        self.n_in = ws[0].n_in
+        self.n_out = len(ws)
+        by_type: dict[GGMLType, list[int]] = {}
+        for i, w in enumerate(ws):
+            by_type.setdefault(w.type, []).append(i)
+        self.calls = []
+        for idx in by_type.values():
+            for k in range(0, len(idx), 3):
+                part = [ws[i] for i in idx[k:k + 3]]
+                none = _none(part[0].panels)
+                p = [v.panels for v in part] + [none] * (3 - len(part))
+                n = [v.n_out for v in part] + [0] * (3 - len(part))
+                self.calls.append((tuple(idx[k:k + 3]), (part[0].base.kind, *p, *n)))
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        """[x @ w.T for w in the weights], x f32 [M, n_in]."""
+        x = _x(x, self.n_in)
+        th = numba.get_num_threads()
+        if len(self.calls) == 1:
+            idx, (kind, p0, p1, p2, n0, n1, n2) = self.calls[0]
+            return list(matmul_kernel(STAMP, kind, cpu.ISA, p0, p1, p2, n0, n1, n2, x, th)[:len(idx)])
+        ys: list[np.ndarray] = [None] * self.n_out  # type: ignore[list-item]
+        for idx, (kind, p0, p1, p2, n0, n1, n2) in self.calls:
+            for i, y in zip(idx, matmul_kernel(STAMP, kind, cpu.ISA, p0, p1, p2, n0, n1, n2, x, th)):
+                ys[i] = y
+        return ys
+
+
 def matmul(w: RepackedMatrix, x: np.ndarray) -> np.ndarray:
     """x @ w.T: x f32 [M, n_in] -> f32 [M, n_out] on two-part 8-bit activations (one numba call)."""
-    x = _x(x, w.n_in)
-    none = _none(w.panels)
-    return matmul_kernel(STAMP, w.base.kind, cpu.ISA, w.panels, none, none, w.n_out, 0, 0, x,
-                         numba.get_num_threads())[0]
+    return w.call(x)[0]
 
 
 def matmul_many(ws: Sequence[RepackedMatrix], x: np.ndarray) -> list[np.ndarray]:
     """[matmul(w, x) for w in ws] with the weights of one type in one parallel call each (up to three per call):
-    Q, K and V, gate and up of a decode step. Each result equals matmul(w, x)'s bit for bit."""
-    if not ws:
-        return []
-    x = _x(x, ws[0].n_in)
-    if any(w.n_in != x.shape[1] for w in ws):
-        raise RepackError("matmul_many needs weights of one input size")
-    ys: list[np.ndarray | None] = [None] * len(ws)
-    by_type: dict[GGMLType, list[int]] = {}
-    for i, w in enumerate(ws):
-        by_type.setdefault(w.type, []).append(i)
-    for idx in by_type.values():
-        for k in range(0, len(idx), 3):
-            part = [ws[i] for i in idx[k:k + 3]]
-            none = _none(part[0].panels)
-            p = [v.panels for v in part] + [none] * (3 - len(part))
-            n = [v.n_out for v in part] + [0] * (3 - len(part))
-            outs = matmul_kernel(STAMP, part[0].base.kind, cpu.ISA, p[0], p[1], p[2], n[0], n[1], n[2], x,
-                                  numba.get_num_threads())
-            for i, y in zip(idx[k:k + 3], outs):
-                ys[i] = y
-    return ys  # type: ignore[return-value]
+    Q, K and V, gate and up of a decode step. Each result equals matmul(w, x)'s bit for bit. Callers that
+    repeat the same weights keep a MergedCall instead."""
+    return MergedCall(ws)(x) if ws else []
 
 
-__all__ = ["DEFAULT_TYPES", "NIBBLE_TYPES", "RepackError", "RepackedMatrix", "matmul", "matmul_many", "repack",
+__all__ = ["DEFAULT_TYPES", "MergedCall", "NIBBLE_TYPES", "RepackError", "RepackedMatrix", "matmul", "matmul_many", "repack",
            "repack_bytes", "repackable"]
