@@ -26,7 +26,7 @@ from qf.format.ggml_types import GGMLType, type_size
 from qf.runtime.kernels.cpu_decoder import FASTMATH, Decoder
 from qf.runtime.kernels.cpu_idecode import IntDecoder
 from qf.runtime.kernels.cpu_iq_grids import tables
-from qf.runtime.kernels.cpu_isimd import q8x32, q8x64, q_xor, vget
+from qf.runtime.kernels.cpu_isimd import _target_features, q8x32, q8x64, q_xor, vget
 from qf.runtime.kernels.cpu_registry import register, register_int
 from qf.runtime.kernels.cpu_simd import byte_fields, f16_at, f32x16, vadd, vmul, vsplat
 
@@ -50,6 +50,7 @@ _V32I8 = ir.VectorType(_I8, 32)
 _V16I32 = ir.VectorType(_I32, 16)
 _V16F = ir.VectorType(ir.FloatType(), 16)
 _MASK32 = ir.VectorType(ir.IntType(1), 32)
+_AVX2 = "avx2" in _target_features()  # x86 gathers with the entry width as the address scale
 
 
 # ------------------------------------------------------------------ intrinsics
@@ -80,10 +81,19 @@ u32_at = _scalar_load(4)
 
 
 def _vgather(builder, tab_ptr, idx, width: int):
-    """Entries idx (<n x i32>, in range) of a flat table of `width`-byte entries at tab_ptr: <n x i(8 width)>."""
+    """Entries idx (<n x i32>, in range) of a flat table of `width`-byte entries at tab_ptr: <n x i(8 width)>.
+
+    On x86 with AVX2, ggml's gather instruction with the entry width as its address scale (vpgatherdd /
+    vpgatherdq); elsewhere LLVM's generic masked gather (scalarized where there is no gather)."""
     n = idx.type.count
     et = ir.IntType(8 * width)
     vt = ir.VectorType(et, n)
+    if _AVX2:
+        name = f"llvm.x86.avx2.gather.d.{'d' if width == 4 else 'q'}.{'256' if n * width == 32 else '128'}"
+        fnty = ir.FunctionType(vt, [vt, ir.PointerType(), idx.type, vt, _I8])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, name)
+        return builder.call(fn, [ir.Constant(vt, None), builder.bitcast(tab_ptr, ir.PointerType()), idx,
+                                 ir.Constant(vt, [-1] * n), ir.Constant(_I8, width)])
     v64 = ir.VectorType(_I64, n)
     base = builder.insert_element(ir.Constant(v64, ir.Undefined), builder.ptrtoint(tab_ptr, _I64), ir.Constant(_I32, 0))
     base = builder.shuffle_vector(base, ir.Constant(v64, ir.Undefined), ir.Constant(ir.VectorType(_I32, n), [0] * n))
@@ -118,7 +128,11 @@ def grid_loader(width: int, src: int, lo_mask: int, up: int = 0, shifts: tuple[i
         o = context.cast(builder, args[2], sig.args[2], types.intp)
         ptr = builder.bitcast(builder.gep(a.data, [o]), ir.VectorType(st, n).as_pointer())
         idx = builder.and_(builder.zext(builder.load(ptr, align=1), vi), ir.Constant(vi, [lo_mask] * n))
-        if hi_mask:
+        if hi_mask and shifts == tuple(range(n)) and hi_mask == 1 << up:  # one bit per entry: a lane mask
+            bits = builder.trunc(context.cast(builder, args[3], sig.args[3], types.int64), ir.IntType(n))
+            idx = builder.or_(idx, builder.select(builder.bitcast(bits, ir.VectorType(ir.IntType(1), n)),
+                                                  ir.Constant(vi, [hi_mask] * n), ir.Constant(vi, None)))
+        elif hi_mask:
             hi = builder.trunc(context.cast(builder, args[3], sig.args[3], types.int64), _I32)
             h = builder.shl(_splat_n(builder, hi, n), ir.Constant(vi, [up] * n))
             h = builder.and_(builder.lshr(h, ir.Constant(vi, list(shifts))), ir.Constant(vi, [hi_mask] * n))
