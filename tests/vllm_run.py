@@ -2,8 +2,8 @@
 
     $QF_VLLM tests/vllm_run.py FOLDER --prompts-json '[[1, 2, 3]]' --max-tokens 16 [--dtype float32]
 
-Prints one line on stdout, QF_VLLM_RESULT {"token_ids": [[...], ...], "text": [...], "top2": [[[[id, logprob],
-[id, logprob]] per step] per prompt]}, the prompts given as token ids (so that
+Prints one line on stdout, QF_VLLM_RESULT {"token_ids": [[...], ...], "text": [...], "top": [[[[id, logprob] x TOP]
+per step] per prompt]}, the prompts given as token ids (so that
 both runtimes see the same ids). Used by tests/test_export_vllm.py; imports nothing from qf.
 """
 
@@ -13,6 +13,8 @@ import argparse
 import json
 import os
 import sys
+
+TOP = 5  # logprobs kept per generated step
 
 # CPU engine defaults for a small shared machine (each may be overridden from the environment). VLLM_CPU_INT4_W4A8=0:
 # on AMX CPUs vLLM 0.32 otherwise runs 4-bit linears with int8 activations (W4A8, int4_scaled_mm_cpu), not W4A16.
@@ -37,11 +39,11 @@ def main() -> None:
 
     llm = LLM(model=a.folder, dtype=a.dtype, max_model_len=a.max_model_len, enforce_eager=True, seed=0,
               max_num_seqs=4, trust_remote_code=False)
-    params = SamplingParams(temperature=0.0, max_tokens=a.max_tokens, ignore_eos=True, logprobs=2)
+    params = SamplingParams(temperature=0.0, max_tokens=a.max_tokens, ignore_eos=True, logprobs=TOP)
     prompts = [TokensPrompt(prompt_token_ids=p) for p in json.loads(a.prompts_json)]
     outs = llm.generate(prompts, params, use_tqdm=False)
     res = {"token_ids": [list(o.outputs[0].token_ids) for o in outs], "text": [o.outputs[0].text for o in outs],
-           "top2": [[sorted(((int(t), float(lp.logprob)) for t, lp in step.items()), key=lambda x: -x[1])[:2]
+           "top": [[sorted(((int(t), float(lp.logprob)) for t, lp in step.items()), key=lambda x: -x[1])[:TOP]
                      for step in o.outputs[0].logprobs] for o in outs]}
     sys.stdout.flush()
     print("QF_VLLM_RESULT " + json.dumps(res), flush=True)
