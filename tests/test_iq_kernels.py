@@ -13,6 +13,7 @@ from test_h4_int8 import _check_q8_matmul
 from test_kernels_cpu import _check_dot
 
 from qf.format.ggml_types import GGMLType, block_size, row_bytes, type_size
+from qf.runtime.backend import CpuBackend
 from qf.runtime.kernels import cpu
 from qf.runtime.kernels.cpu_iq_grids import SIZES, tables
 
@@ -53,10 +54,17 @@ def test_rows_products_and_batches(t: GGMLType) -> None:
         m = cpu.QMatrix(t, data, n_in, n_out)
         np.testing.assert_array_equal(cpu.get_rows(m, np.arange(n_out)), ref)
         x = rng.standard_normal((9, n_in)).astype(np.float32)
-        _check_dot(cpu.matvec(m, x[0]), ref, x[0])
         fused = cpu.matmul(m, x, blas=False)
         _check_dot(fused, ref, x)
-        np.testing.assert_array_equal(fused, np.stack([cpu.matvec(m, xi) for xi in x]))  # batch = alone
+        alone = np.stack([cpu.matvec(m, xi) for xi in x])
+        if t in cpu.INT8_DECODE_TYPES:  # decode on 8-bit activations: within bound of the quantized product
+            from test_iq_decode import _check as _check_q8_row
+            for xi, yi in zip(x, alone):
+                _check_q8_row(yi, ref, cpu.quantize_q8(xi[None], 1))
+            fused = CpuBackend(1).linear(m, x, exact_rows=True)  # a multi-sequence decode step
+        else:
+            _check_dot(alone[0], ref, x[0])
+        np.testing.assert_array_equal(fused, alone)  # batch = alone
         xb = rng.standard_normal((40, n_in)).astype(np.float32)
         _check_dot(cpu.matmul(m, xb, blas=True, int8=False), ref, xb)
 

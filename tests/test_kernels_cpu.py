@@ -69,6 +69,20 @@ def _check_dot(y: np.ndarray, w: np.ndarray, x: np.ndarray) -> None:
     assert np.all(err <= bound + 1e-30), f"max err/bound {np.max(err / (bound + 1e-30)):.3g}"
 
 
+def _check_matvec(m: cpu.QMatrix, x: np.ndarray, w: np.ndarray) -> None:
+    """cpu.matvec(m, x) ~= w @ x: the f32 bound, or for cpu.INT8_DECODE_TYPES (8-bit activations, one Q8_0
+    part) within the f32 summation bound of w @ the dequantized activations; x: [n_in], w: [n_out, n_in]."""
+    y = cpu.matvec(m, x)
+    if m.type not in cpu.INT8_DECODE_TYPES:
+        return _check_dot(y, w, x)
+    a = cpu.quantize_q8(x[None], 1).dequantize()[0].astype(np.float64)
+    w64 = w.astype(np.float64)
+    bound = (w.shape[1] / 32 + 4) * 2 * EPS * (np.abs(w64) @ np.abs(a))
+    err = np.abs(y.astype(np.float64) - w64 @ a)
+    assert y.shape == (w.shape[0],) and y.dtype == np.float32
+    assert np.all(err <= bound + 1e-30), f"max err/bound {np.max(err / (bound + 1e-30)):.3g}"
+
+
 def _check_rows(got: np.ndarray, want: np.ndarray) -> None:
     """Dequantized rows equal the codec's up to one rounding of the larger term per weight."""
     atol = 4 * EPS * np.abs(want).max(axis=-1, keepdims=True)
@@ -86,7 +100,7 @@ def test_matvec_random_weights(t: GGMLType) -> None:
         n_in = _n_in(t, blocks)
         data, w = _quantized(t, n_out, n_in, rng)
         x = rng.standard_normal(n_in).astype(np.float32)
-        _check_dot(cpu.matvec(cpu.QMatrix(t, data, n_in, n_out), x), w, x)
+        _check_matvec(cpu.QMatrix(t, data, n_in, n_out), x, w)
 
 
 @pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
@@ -97,7 +111,7 @@ def test_all_bit_patterns(t: GGMLType) -> None:
     data, w = _random_bytes(t, n_out, n_in, rng)
     m = cpu.QMatrix(t, data, n_in, n_out)
     x = rng.standard_normal((6, n_in)).astype(np.float32)
-    _check_dot(cpu.matvec(m, x[0]), w, x[0])
+    _check_matvec(m, x[0], w)
     _check_dot(cpu.matmul(m, x), w, x)
     xb = rng.standard_normal((40, n_in)).astype(np.float32)
     _check_dot(cpu.matmul(m, xb, blas=True), w, xb)
@@ -182,7 +196,7 @@ def test_float_rows_shorter_than_a_unit(t: GGMLType) -> None:
         data, w = _quantized(t, 9, n_in, rng)
         m = cpu.QMatrix(t, data, n_in, 9)
         x = rng.standard_normal((3, n_in)).astype(np.float32)
-        _check_dot(cpu.matvec(m, x[0]), w, x[0])
+        _check_matvec(m, x[0], w)
         _check_dot(cpu.matmul(m, x), w, x)
         _check_rows(cpu.get_rows(m, np.arange(9)), w)
 
@@ -286,7 +300,7 @@ def _check_real_tensor(f, name: str, rng: np.random.Generator, n_rows: int | Non
     m = cpu.QMatrix(ti.type, raw, n_in, n_out)
     assert np.shares_memory(m.data, raw)
     x = rng.standard_normal((5, n_in)).astype(np.float32)
-    _check_dot(cpu.matvec(m, x[0]), w, x[0])
+    _check_matvec(m, x[0], w)
     _check_dot(cpu.matmul(m, x), w, x)
     xb = rng.standard_normal((48, n_in)).astype(np.float32)
     _check_dot(cpu.matmul(m, xb, blas=True), w, xb)  # the decoded-tiles + BLAS path

@@ -245,6 +245,8 @@ class CpuBackend:
             y = w.linear(x, exact_rows)
         elif x.shape[0] == 1:
             y = kernels.matvec(w, x[0]).reshape(1, -1)
+        elif exact_rows and w.type in kernels.INT8_DECODE_TYPES:  # each row what its decode step gives alone
+            y = np.stack([kernels.matvec(w, xi) for xi in x])
         else:
             y = kernels.matmul(w, x, blas=False if exact_rows else None)
         if bias is not None:

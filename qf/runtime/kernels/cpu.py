@@ -37,7 +37,7 @@ import numpy as np
 
 from qf.format.errors import QFError
 from qf.format.ggml_types import GGMLType, block_size, row_bytes
-from qf.runtime.kernels import cpu_blas, cpu_int8
+from qf.runtime.kernels import cpu_blas, cpu_int8, cpu_iq_dot
 from qf.runtime.kernels.cpu_drivers import (_STAMP, DECODERS, Kind, matmul_items, matmul_kernel, matmul_tiles_kernel,
                                             matvec_kernel, rows_kernel, tile_rows)
 from qf.runtime.kernels.cpu_idecode import IDECODERS
@@ -59,6 +59,14 @@ INT8_MIN_TOKENS: int | None = 16 if ISA.name in NATIVE_ISAS else None
 # 8-bit parts per activation on the integer path: 2 (about 15 bits: whole-model KLD against the f32 paths
 # ~5e-7 on SmolLM2) or 1 (ggml's Q8_0, as llama.cpp: twice the speed, KLD ~4e-3).
 INT8_PARTS: int = 2
+
+# matvec: types whose decode step runs on 8-bit activations (one Q8_0 part) and integer dot products, as
+# llama.cpp's vec_dot does (cpu_iq_dot.py): the grid types, where the f32 path's gather + widening costs most
+# (per matvec vs Q4_K: IQ3_S 0.56 -> 0.78, IQ2_XS 0.49 -> 0.71). Results differ from the f32 product at the
+# 1e-3 level, as llama.cpp's. IQ4_NL / IQ4_XS keep the f32 path (as fast, exact). Empty without a native dot.
+INT8_DECODE_TYPES: frozenset[GGMLType] = frozenset(
+    (GGMLType.IQ3_XXS, GGMLType.IQ3_S, GGMLType.IQ2_XXS, GGMLType.IQ2_XS, GGMLType.IQ2_S, GGMLType.IQ1_S,
+     GGMLType.IQ1_M) if ISA.name in NATIVE_ISAS else ())
 
 # ggml type -> compile-time tag of its decoders (the dispatch registry).
 _KINDS: dict[GGMLType, Kind] = {t: Kind(t) for t in DECODERS}
@@ -153,9 +161,11 @@ def _output(out: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def matvec(w: QMatrix, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """w @ x: x f32 [n_in] -> f32 [n_out] (decode step; rows in parallel)."""
+    """w @ x: x f32 [n_in] -> f32 [n_out] (decode step; rows in parallel; INT8_DECODE_TYPES on 8-bit activations)."""
     x = _activations(x, w.n_in, 1)
     y = _output(out, (w.n_out,))
+    if w.type in INT8_DECODE_TYPES:
+        return cpu_iq_dot.matvec_q8(w, quantize_q8(x[None], 1), y)
     matvec_kernel(w.kind, w.data, x, y)
     return y
 
@@ -169,7 +179,8 @@ def matmul(w: QMatrix, x: np.ndarray, out: np.ndarray | None = None, *, blas: bo
     integer dot products on quantized activations (`quantize_q8` + `matmul_q8`, INT8_PARTS 8-bit parts per
     value; the fastest for quantized weights; row i also depends on x[i] only). blas=None and int8=None pick by M and type: int8
     from INT8_MIN_TOKENS for the types in `int8_types()`, else tiles from BLAS_MIN_TOKENS, else fused.
-    blas=False forces the fused kernel (exact rows: a row gives what matvec's sums give alone, M = 1 aside),
+    blas=False forces the fused kernel (exact rows: a row gives what matvec's sums give alone, M = 1 aside,
+    INT8_DECODE_TYPES aside: their matvec runs on 8-bit activations),
     blas=True the tiles (the fused kernel when no BLAS was found), int8=True the integer path.
     For M = 1 prefer matvec (a quarter of the work; it sums in another order, so results differ in the last bits).
     """
