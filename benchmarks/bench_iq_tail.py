@@ -11,7 +11,8 @@ many chunks as that run saved. Rows are cached as tail-<case>.json in the folder
 Why: llama.cpp's IQ2_XXS, IQ2_XS, IQ1_S and IQ1_M mixes write attn_v at Q4_K when n_head / n_head_kv >= 4
 (Llama-3-8B, the model of llama.cpp's published KLD table) and at Q2_K below that (SmolLM2: 9 / 3), and the
 first eighth of ffn_down and token_embd at Q2_K; IQ2_S and IQ2_M use IQ3_S there. The default cases measure
-each of those Q2_K tensors alone on a Q8_0 model, and the tail mixes with the n_gqa >= 4 rule (attn_v=Q4_K).
+token_embd and attn_v at Q2_K alone (on F16 and Q8_0 models), and the four tail mixes with the n_gqa >= 4 rule
+(attn_v=Q4_K).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-DEFAULT_CASES = (r"Q8_0:token_embd=Q2_K,Q8_0:attn_v=Q2_K,Q8_0:blk\.[012]\.ffn_down=Q2_K,IQ2_XS:attn_v=Q4_K,"
-                 "IQ1_S:attn_v=Q4_K,IQ2_XXS:attn_v=Q4_K,IQ1_M:attn_v=Q4_K,IQ2_S:attn_v=Q4_K,IQ2_M:attn_v=Q4_K")
+DEFAULT_CASES = ("F16:token_embd=Q2_K,Q8_0:attn_v=Q2_K,IQ2_XS:attn_v=Q4_K,IQ2_XXS:attn_v=Q4_K,IQ1_M:attn_v=Q4_K,"
+                 "IQ1_S:attn_v=Q4_K")
 
 
 def parse_case(case: str) -> tuple[str, tuple[tuple[str, str], ...]]:
