@@ -104,6 +104,12 @@ class Model:
         self.load_seconds = load_seconds
         self._last: Generation | None = None
         self._closed = False
+        self._cpu: CpuBackend | None = None  # set by load
+
+    @property
+    def repacked_bytes(self) -> int:
+        """RAM the CPU backend's repacked weights take beyond the mmap'd file (0 without repack)."""
+        return 0 if self._cpu is None else int(self._cpu.repacked_bytes)
 
     @classmethod
     def load(cls, path: str | os.PathLike, n_ctx: int | None = None, n_threads: int | None = None,
@@ -112,7 +118,8 @@ class Model:
              cpu_backend: CpuBackend | None = None, n_seq: int = 1, type_k: str = DEFAULT_KV_TYPE,
              type_v: str = DEFAULT_KV_TYPE, allow_context_extension: bool = False,
              torch_options: Mapping[str, Any] | None = None, cpu_moe: bool = False, n_cpu_moe: int = 0,
-             override_tensor: str | Sequence[str] | None = None, precompile: bool = True) -> "Model":
+             override_tensor: str | Sequence[str] | None = None, precompile: bool = True,
+             repack: bool = False) -> "Model":
         """Open a .qf/.gguf file by mmap, validate it, and prepare a KV cache of n_seq slots of n_ctx positions.
 
         gpu_layers: 0 runs on the CPU; N puts the last N layers on the GPU(s) (llama.cpp's -ngl); "auto"
@@ -137,6 +144,8 @@ class Model:
         first long prompt never compiles the short-batch kernels). precompile: those of the integer prefill path
         compile meanwhile in background processes (one per spare core) when numba's disk cache lacks them, so a
         fresh install's first prompt finds them there (kernels.cpu.precompile_background).
+        repack: the CPU backend keeps quantized weights as integer panels in RAM beyond the mmap (llama.cpp
+        repacks by default; kernels/cpu_repack.py); `repacked_bytes` says how much once loaded.
         """
         t0 = time.perf_counter()
         path = os.fspath(path)
@@ -149,7 +158,7 @@ class Model:
             tokenizer = _tokenizer(f.meta, hp, path)
             ctx = _context_size(n_ctx, hp, allow_context_extension)
             kv = KVSpec(n_seq, ctx, hp.n_head_kv, hp.head_dim, hp.head_dim, type_k, type_v)
-            cpu = cpu_backend or CpuBackend(n_threads or default_threads())
+            cpu = cpu_backend or CpuBackend(n_threads or default_threads(), repack=repack)
             overrides = moe_overrides(cpu_moe, n_cpu_moe) + parse_overrides(override_tensor)
             placement, plan = _placement(path, ctx, n_batch, hp.n_layer, cpu, gpu_layers, vram, tensor_split, kv,
                                          torch_options, overrides)
@@ -165,6 +174,7 @@ class Model:
                  and cpu.n_threads > 1)
         model = cls(path, f, hp, forward, tokenizer, template, n_batch, 0.0, plan,
                     DecodeThreads(cpu.n_threads) if adapt else None, kv.n_slots, kv.type_k, kv.type_v)
+        model._cpu = cpu
         if warmup:
             model._warmup()
         model.load_seconds = time.perf_counter() - t0

@@ -154,14 +154,6 @@ def moe_options(f: Any) -> Any:
     return click.option("--cpu-moe", is_flag=True, help="Keep every layer's expert tensors on the CPU.")(f)
 
 
-def _repack_backend(n_threads: int | None) -> Any:
-    """A CPU backend that repacks quantized weights into integer panels (kernels/cpu_repack.py)."""
-    from qf.runtime.api import default_threads
-    from qf.runtime.backend import CpuBackend
-
-    return CpuBackend(n_threads or default_threads(), repack=True)
-
-
 def moe_kwargs(cpu_moe: bool, n_cpu_moe: int, override_tensor: tuple[str, ...]) -> dict[str, Any]:
     """The expert placement flags as Model.load keyword arguments."""
     return dict(cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe, override_tensor=list(override_tensor) or None)
@@ -235,18 +227,17 @@ def main(model_path: Path, prompt: str | None, prompt_file: Path | None, n_predi
 
                 click.echo(format_repack(model_path))
             return
-        cpu = _repack_backend(n_threads) if repack else None
         model = Model.load(model_path, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch, gpu_layers=ngl,
                            vram=vram, tensor_split=tensor_split, type_k=type_k, type_v=type_v,
-                           allow_context_extension=allow_context_extension, cpu_backend=cpu,
+                           allow_context_extension=allow_context_extension, repack=repack,
                            **moe_kwargs(cpu_moe, n_cpu_moe, override_tensor))
         if model.plan is not None:
             _err(f"qrun: {model.plan.summary()}")
         _err(f"qrun: loaded {model} in {model.load_seconds:.2f} s")
-        if cpu is not None:
+        if repack:
             from qf.runtime.planner import fmt_bytes
 
-            _err(f"qrun: repacked weights: {fmt_bytes(cpu.repacked_bytes)} of RAM beyond the mmap'd file")
+            _err(f"qrun: repacked weights: {fmt_bytes(model.repacked_bytes)} of RAM beyond the mmap'd file")
         totals = Totals()
         with model:
             if prompt is None:
