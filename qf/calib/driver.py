@@ -68,6 +68,7 @@ class Runner:
     def _embed(self) -> np.ndarray:
         """The calibration rows' embeddings f32 [T, n_embd] (the architecture's embedding hook applied)."""
         x, _ = self.forward._embed(self.batch)
+        self.forward.tok_embd = self.forward.output = None  # the f32 embedding (its only use) goes now
         return np.array(x, dtype=np.float32)
 
     def layer(self, i: int) -> Layer:

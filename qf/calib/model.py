@@ -95,7 +95,7 @@ class CalibModel:
         placeholders (Layer.run places each block's own)."""
         refs = lambda table, fmt: {r: self._ref(role.template.format(**fmt), len(role.dims))  # noqa: E731
                                    for r, role in table.items()}
-        g = refs(self.global_roles, {})
+        g = refs({r: role for r, role in self.global_roles.items() if r != "output"}, {})  # the head: not run
         layer0 = LayerTensors(**{r: t for r, t in refs(self.layer_roles, {"i": 0}).items() if t is not None})
         extra = {r: t for r, t in g.items() if t is not None and r not in ("tok_embd", "output_norm", "output",
                                                                            "rope_freqs")}

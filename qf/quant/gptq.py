@@ -101,38 +101,43 @@ def _blas_single_thread():
 
 
 def _inv_lower(m: np.ndarray) -> np.ndarray:
-    """The inverse of a lower-triangular m [n, n] by halves (n^3 / 3 multiply-adds in matrix products, where
-    numpy's LU-based inv takes about 2 n^3): inv [[A, 0], [C, D]] = [[A^-1, 0], [-D^-1 C A^-1, D^-1]]."""
+    """Invert a lower-triangular m [n, n] in place by halves (n^3 / 3 multiply-adds in matrix products, where
+    numpy's LU-based inv takes about 2 n^3): inv [[A, 0], [C, D]] = [[A^-1, 0], [-D^-1 C A^-1, D^-1]]; the only
+    temporaries are the n/2 x n/2 products."""
     n = m.shape[0]
     if n <= TRI_LEAF:
-        return np.tril(np.linalg.inv(m))
+        m[...] = np.tril(np.linalg.inv(m))
+        return m
     k = n // 2
-    a, d = _inv_lower(m[:k, :k]), _inv_lower(m[k:, k:])
-    out = np.zeros_like(m)
-    out[:k, :k], out[k:, k:] = a, d
-    out[k:, :k] = -(d @ (m[k:, :k] @ a))
-    return out
+    _inv_lower(m[:k, :k])
+    _inv_lower(m[k:, k:])
+    m[k:, :k] = -(m[k:, k:] @ (m[k:, :k] @ m[:k, :k]))
+    return m
 
 
-def _inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
+def _inverse_cholesky(hr: np.ndarray, damp: float) -> np.ndarray:
     """Upper U with U^T U = (H + damp * mean(diag) I)^-1 in H's dtype (f64 here: on SmolLM2's Hessians an f32
-    factorization cost 3.6 points of recovered perplexity gap); damping grows until H is positive definite.
+    factorization cost 3.6 points of recovered perplexity gap), from hr = J H J (H reversed; contiguous, owned:
+    damped in place); damping grows until H is positive definite.
 
     With J the reversal, J H J = M M^T (M lower) gives H = R R^T with R = J M J upper, so H^-1 = R^-T R^-1
-    and U = R^-1: one Cholesky and one triangular inverse."""
-    mean_diag = float(np.mean(np.diag(h)))
+    and U = R^-1 = J M^-1 J: one Cholesky and one in-place triangular inverse. Peak: hr, numpy's working copy
+    of it and the factor M (U is returned as a reversed view of M)."""
+    d = np.einsum("ii->i", hr)  # the diagonal, a view
+    base = d.copy()
+    mean_diag = float(np.mean(base))
     lam = damp * (mean_diag if mean_diag > 0 else 1.0)
-    n = h.shape[0]
     with _blas_single_thread():
         for _ in range(MAX_DAMP_TRIES):
+            d[:] = base + np.float32(lam)
             try:
-                hd = h + np.float32(lam) * np.eye(n, dtype=h.dtype)
-                m = np.linalg.cholesky(hd[::-1, ::-1])  # J H J = M M^T
-                u = np.ascontiguousarray(_inv_lower(m)[::-1, ::-1])  # R^-1 = J M^-1 J, upper
-                if np.isfinite(u).all() and (np.diag(u) > 0).all():
-                    return u
+                m = np.linalg.cholesky(hr)  # J H J = M M^T
             except np.linalg.LinAlgError:
-                pass
+                lam *= 10.0
+                continue
+            u = _inv_lower(m)[::-1, ::-1]  # R^-1 = J M^-1 J, upper
+            if np.isfinite(u).all() and (np.diag(u) > 0).all():
+                return u
             lam *= 10.0
     raise QFError(f"GPTQ: the Hessian stays singular after damping up to {lam:.3g}")
 
@@ -161,12 +166,15 @@ def factor(h: np.ndarray, damp: float = DEFAULT_DAMP, act_order: bool = False) -
         raise QFError(f"GPTQ: Hessian of shape {h0.shape} is not square")
     if not np.isfinite(h0).all():
         raise QFError("GPTQ: the Hessian holds inf/NaN")
-    hh = np.array(h0)
-    dead = np.diag(hh) <= 0
-    hh[dead, dead] = 1.0
-    perm = np.argsort(-np.diag(hh), kind="stable") if act_order else np.arange(n)
-    u = _inverse_cholesky(hh[np.ix_(perm, perm)], damp).astype(np.float32)
-    return Factor(h0, dead, np.diag(hh).astype(np.float32), perm, u, h0.astype(np.float32), damp, act_order)
+    dead = np.diag(h0) <= 0
+    diag = np.where(dead, 1.0, np.diag(h0))  # diag: [n_in] f64, dead inputs 1
+    perm = np.argsort(-diag, kind="stable") if act_order else np.arange(n)
+    rev = perm[::-1]
+    hr = h0[np.ix_(rev, rev)]  # hr: [n_in, n_in] f64, J P^T H P J: the one f64 copy of H
+    hr[dead[rev], dead[rev]] = 1.0
+    u = _inverse_cholesky(hr, damp).astype(np.float32)  # u: [n_in, n_in] f32 upper
+    del hr
+    return Factor(h0, dead, diag.astype(np.float32), perm, u, h0.astype(np.float32), damp, act_order)
 
 
 @dataclass
