@@ -7,17 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qf.quant.formats import PayloadDecl, format_of
+from qf.quant.formats import format_of
 from qf.runtime.weights import PayloadRef
 
 torch = pytest.importorskip("torch")
 
-
-def _ref(scheme: str, arrays: dict[str, np.ndarray], n_in: int, n_out: int) -> PayloadRef:
-    """A PayloadRef over in-memory members."""
-    fmt, p = format_of(scheme)
-    decl = PayloadDecl("w.weight", fmt.scheme(p), fmt, p, {k: k for k in arrays}, n_in, n_out)
-    return PayloadRef("w.weight", decl, arrays, n_out)
+from test_payload_kernels import _ref  # noqa: E402  (a PayloadRef over in-memory members)
 
 
 def _check(ref: PayloadRef, rng: np.random.Generator) -> None:
