@@ -65,10 +65,11 @@ CASES = [
     Case("RTN-W4G64-ASYM", "compressed-tensors"),  # asym int payload: pack-quantized with zero points
     Case("GPTQ-W4G64", "gptq"),  # GPTQ v1 (qweight/qzeros/scales/g_idx)
     Case("GPTQ-W4G64", "awq"),  # AWQ GEMM
-    pytest.param(Case("FP8-BLOCK", "fp8"), marks=pytest.mark.xfail(strict=False, reason=(
-        "vLLM's CPUFp8BlockScaledMMKernel (W8A16, AMX BRGEMM) parts beyond a near-tie: 'The Jargon File is' agrees "
-        "for 3 tokens, then vLLM's pick is our rank 7, 1.31 logits below our top (vLLM puts ours 0.375 below its "
-        "pick); not explained yet"))),  # HF fine-grained fp8 (weight_block_size 128x128)
+    # 128x128 FP8 blocks: SmolLM2's 576 columns end in a partial block, which transformers' fp8 layout refuses (so
+    # qexport --format fp8 does); compressed-tensors keeps it. Before that refusal, vLLM's CPUFp8BlockScaledMMKernel
+    # parted from us beyond a near-tie on the fp8 export (token 4 of one prompt: our rank 7, 1.31 logits down).
+    pytest.param(Case("FP8-BLOCK", "compressed-tensors"), marks=pytest.mark.xfail(strict=False, reason=(
+        "not yet run with vLLM as compressed-tensors"))),
     Case("FP8-CHANNEL", "compressed-tensors"),  # float-quantized, channel scales
     Case("Q8_0", "compressed-tensors"),  # W8A16 groups of 32
     Case("Q8_0", "float", "float32"),  # every tensor dequantized: the exact-arithmetic check

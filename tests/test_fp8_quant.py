@@ -132,3 +132,19 @@ def test_block_file_runs_and_keeps_static_input_scales(tiny_checkpoint, tmp_path
     assert g["weights"]["block_structure"] == [128, 128] and g["input_activations"]["dynamic"] is False
     c = Checkpoint(exported)
     assert float(c.to_f32("model.layers.0.self_attn.q_proj.input_scale")[0]) == scale
+
+
+def test_hf_fp8_layout_refuses_partial_blocks(tiny_checkpoint, tmp_path: Path):
+    """transformers' FineGrainedFP8 refuses weights that are not whole blocks, so the fp8 export does too (naming the
+    tensor, nothing left at the output); compressed-tensors keeps partial blocks."""
+    from qf.format.errors import ConvertError
+
+    src = tiny_checkpoint(tied=False)
+    qf = tmp_path / "m.qf"
+    convert_calibrated(src, qf, get_spec("FP8-BLOCK"), None, log=lambda line: None)  # 128x128 blocks, tiny rows
+    out = tmp_path / "export"
+    partial = r"layers\.0\.self_attn\.q_proj\.weight.* is 64x64, not whole 128x128 blocks"
+    with pytest.raises(ConvertError, match=partial):
+        export_quantized(qf, out, "fp8")
+    assert not out.exists() and not list(tmp_path.glob(".export*"))
+    assert export_quantized(qf, tmp_path / "ct", "compressed-tensors").layout == "compressed-tensors"

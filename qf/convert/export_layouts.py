@@ -291,6 +291,11 @@ class HfFp8:
             if not isinstance(info.params, Fp8Params) or info.params.strategy == "channel":
                 raise ConvertError(f"tensor {name!r} is {info.origin}; the fp8 layout holds FP8 weights with block "
                                    "or tensor scales (export it as compressed-tensors)")
+            p = info.params
+            if p.strategy == "block" and (info.n_out % p.block_h or info.n_in % p.block_w):
+                raise ConvertError(f"tensor {name!r} is {info.n_out}x{info.n_in}, not whole {p.block_h}x{p.block_w} "
+                                   "blocks: transformers' fp8 layout refuses partial blocks ('not divisible by scale "
+                                   "grid'); export it as compressed-tensors, which keeps them")
         _uniform(infos, self.name, lambda i: i.params, "scale scheme")
         _uniform(infos, self.name, lambda i: i.input_scale, "static activation scale")
 
