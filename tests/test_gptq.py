@@ -91,12 +91,21 @@ def test_hessian_shape_mismatch_is_an_error() -> None:
         gptq(w, hessian(x[:, :32]), IntGrid(4, 64, 4, 32, True))
 
 
-def test_triangular_inverse_by_halves_equals_numpy() -> None:
-    from qf.quant.gptq import _inv_lower
-    rng = np.random.default_rng(1)
-    for n in (5, 128, 300, 577):
-        m = np.tril(rng.standard_normal((n, n))) + n * np.eye(n)
-        assert np.allclose(_inv_lower(m.copy()), np.linalg.inv(m), rtol=0, atol=1e-12)  # in place: a copy
+@pytest.mark.parametrize("act", [False, True])
+def test_factor_in_place_equals_a_copy_and_numpy(act: bool) -> None:
+    from qf.quant.gptq import factor
+    x, _ = _data(n_in=200, rows=4)
+    x[:, [3, 150]] = 0.0  # dead inputs
+    h = hessian(x)
+    a = factor(h, 0.01, act_order=act)
+    b = factor(h.copy(), 0.01, act_order=act, overwrite=True)  # the Hessian as scratch
+    assert np.array_equal(a.u, b.u) and np.array_equal(a.h32, b.h32) and np.array_equal(a.perm, b.perm)
+    hp = h[np.ix_(a.perm, a.perm)]  # the reference: U^T U = (P^T H P + damping)^-1, numpy's inverse
+    hp[a.dead[a.perm], a.dead[a.perm]] = 1.0
+    hp[np.diag_indices(200)] += np.float32(0.01 * np.mean(np.where(a.dead, 1.0, np.diag(h))))
+    ref = np.linalg.inv(hp)
+    assert np.allclose(a.u.T.astype(np.float64) @ a.u, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    assert np.array_equal(a.u, np.triu(a.u))
 
 
 @pytest.mark.parametrize("act", [False, True])

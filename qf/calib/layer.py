@@ -30,13 +30,11 @@ class Group:
 
     def __init__(self, roles: tuple[str, ...], x: np.ndarray) -> None:
         self.roles, self.x = roles, x
-        self._h: np.ndarray | None = None
 
     def hessian(self) -> np.ndarray:
-        """2/T X^T X, f64 [n_in, n_in], once."""
-        if self._h is None:
-            self._h = hessian(self.x)
-        return self._h
+        """2/T X^T X, f64 [n_in, n_in], a new array at each call: the caller owns it (GPTQ factorizes it in place,
+        so that a cached copy would double the largest array of the layer)."""
+        return hessian(self.x)
 
     def channel_stats(self) -> dict[str, np.ndarray]:
         """mean |x|, mean x^2 and max |x| per input channel, f32 [n_in] each."""

@@ -4,6 +4,7 @@ class of the architecture (its block code is what runs)."""
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,16 @@ class CalibModel:
         ne = squeeze_ne(self.by_name[name].ne, n_dims)
         return TensorRef(name, GGMLType.F32, ne, v.reshape(-1, ne[0]).view(np.uint8))
 
+    def _placeholder(self, name: str) -> TensorRef | None:
+        """A planned matrix as an f32 TensorRef of the right shape whose bytes are untouched anonymous memory (no
+        resident pages, nothing read from the checkpoint): the forward object's layers are never run."""
+        if name not in self.by_name:
+            return None
+        ne = squeeze_ne(self.by_name[name].ne, 2)
+        rows, row_bytes = int(np.prod(ne[1:])), 4 * ne[0]
+        buf = mmap.mmap(-1, max(1, rows * row_bytes))
+        return TensorRef(name, GGMLType.F32, ne, np.frombuffer(buf, np.uint8, rows * row_bytes).reshape(rows, -1))
+
     def layer_names(self, i: int) -> dict[str, str]:
         """role -> GGUF name of layer i's tensors present in the plan."""
         names = {r: role.template.format(i=i) for r, role in self.layer_roles.items()}
@@ -91,12 +102,14 @@ class CalibModel:
 
     # -- forward ------------------------------------------------------------------------------------------------
     def forward(self, n_ctx: int) -> Any:
-        """The architecture's forward object (RoPE tables, windows, hooks); its layers hold layer 0's weights as
-        placeholders (Layer.run places each block's own)."""
+        """The architecture's forward object (RoPE tables, windows, hooks); its layers hold layer 0's vectors and
+        placeholder matrices that take no memory (Layer.run places each block's own weights)."""
         refs = lambda table, fmt: {r: self._ref(role.template.format(**fmt), len(role.dims))  # noqa: E731
                                    for r, role in table.items()}
         g = refs({r: role for r, role in self.global_roles.items() if r != "output"}, {})  # the head: not run
-        layer0 = LayerTensors(**{r: t for r, t in refs(self.layer_roles, {"i": 0}).items() if t is not None})
+        layer0 = LayerTensors(**{r: t for r, role in self.layer_roles.items()
+                                 if (t := (self._placeholder(role.template.format(i=0)) if len(role.dims) == 2 else
+                                           self._ref(role.template.format(i=0), len(role.dims)))) is not None})
         extra = {r: t for r, t in g.items() if t is not None and r not in ("tok_embd", "output_norm", "output",
                                                                            "rope_freqs")}
         tensors = ModelTensors(g["tok_embd"], g["output_norm"], g["tok_embd"], g.get("rope_freqs"),

@@ -21,12 +21,15 @@ import numpy as np
 from numba import njit, prange
 
 from qf.format.errors import QFError
+from qf.quant.cholesky import cholesky_inplace, invert_lower_inplace, mirror_lower, mirror_upper, \
+    permute_symmetric, zero_upper
 
 DEFAULT_DAMP = 0.01  # fraction of mean(diag H) added to the diagonal (GPTQ's percdamp)
 DEFAULT_BLOCK = 128  # columns updated together before the lazy update of the rest
 MAX_DAMP_TRIES = 6  # damping grows 10x per failed Cholesky
 ROWS_PER_GRAM = 8192  # rows of X per f32 product when accumulating X^T X
-TRI_LEAF = 128  # _inv_lower inverts blocks of at most this size with numpy's inv
+GRAM_COLS = 512  # columns of X^T X per f32 product (the scratch is n_in x GRAM_COLS, not n_in x n_in)
+LOSS_ROWS = 256  # weight rows per product when measuring the output error
 
 
 class Grid(Protocol):
@@ -74,12 +77,16 @@ def _columns(w1, u, a, b, keep, lo, hi, i0, codes, err):  # pragma: no cover - c
 
 
 def gram(x: np.ndarray, h: np.ndarray | None = None) -> np.ndarray:
-    """X^T X in f64 [n_in, n_in] (f32 products of ROWS_PER_GRAM rows at a time, summed in f64), added to h."""
+    """X^T X in f64 [n_in, n_in], added to h: f32 products of ROWS_PER_GRAM rows and GRAM_COLS columns of the
+    lower triangle at a time, summed in f64, then the upper triangle mirrored from the lower."""
     n = x.shape[1]
     h = np.zeros((n, n), np.float64) if h is None else h
     for a in range(0, x.shape[0], ROWS_PER_GRAM):
         xc = np.ascontiguousarray(x[a:a + ROWS_PER_GRAM], dtype=np.float32)  # xc: [rows, n_in]
-        h += (xc.T @ xc).astype(np.float64)
+        for c0 in range(0, n, GRAM_COLS):
+            c1 = min(n, c0 + GRAM_COLS)
+            h[c0:, c0:c1] += xc[:, c0:].T @ xc[:, c0:c1]  # [n_in - c0, c1 - c0], f32 product, f64 sum
+    mirror_upper(h)
     return h
 
 
@@ -87,7 +94,9 @@ def hessian(x: np.ndarray) -> np.ndarray:
     """H = 2/T X^T X, f64 [n_in, n_in], for inputs x [T, n_in]."""
     if x.shape[0] == 0:
         raise QFError("GPTQ needs at least one calibration row")
-    return gram(x) * (2.0 / x.shape[0])
+    h = gram(x)
+    h *= 2.0 / x.shape[0]
+    return h
 
 
 def _blas_single_thread():
@@ -100,29 +109,14 @@ def _blas_single_thread():
     return threadpool_limits(1, user_api="blas")
 
 
-def _inv_lower(m: np.ndarray) -> np.ndarray:
-    """Invert a lower-triangular m [n, n] in place by halves (n^3 / 3 multiply-adds in matrix products, where
-    numpy's LU-based inv takes about 2 n^3): inv [[A, 0], [C, D]] = [[A^-1, 0], [-D^-1 C A^-1, D^-1]]; the only
-    temporaries are the n/2 x n/2 products."""
-    n = m.shape[0]
-    if n <= TRI_LEAF:
-        m[...] = np.tril(np.linalg.inv(m))
-        return m
-    k = n // 2
-    _inv_lower(m[:k, :k])
-    _inv_lower(m[k:, k:])
-    m[k:, :k] = -(m[k:, k:] @ (m[k:, :k] @ m[:k, :k]))
-    return m
-
-
 def _inverse_cholesky(hr: np.ndarray, damp: float) -> np.ndarray:
-    """Upper U with U^T U = (H + damp * mean(diag) I)^-1 in H's dtype (f64 here: on SmolLM2's Hessians an f32
-    factorization cost 3.6 points of recovered perplexity gap), from hr = J H J (H reversed; contiguous, owned:
-    damped in place); damping grows until H is positive definite.
+    """Upper U f32 with U^T U = (H + damp * mean(diag) I)^-1, factorized in f64 (on SmolLM2's Hessians an f32
+    factorization cost 3.6 points of recovered perplexity gap), from hr = J H J (H reversed; f64, C-contiguous,
+    overwritten); damping grows until H is positive definite.
 
     With J the reversal, J H J = M M^T (M lower) gives H = R R^T with R = J M J upper, so H^-1 = R^-T R^-1
-    and U = R^-1 = J M^-1 J: one Cholesky and one in-place triangular inverse. Peak: hr, numpy's working copy
-    of it and the factor M (U is returned as a reversed view of M)."""
+    and U = R^-1 = J M^-1 J: one Cholesky and one triangular inverse, both in place in hr
+    (qf.quant.cholesky), so that hr is the only n x n f64 array; U is then its reversed f32 copy."""
     d = np.einsum("ii->i", hr)  # the diagonal, a view
     base = d.copy()
     mean_diag = float(np.mean(base))
@@ -130,16 +124,19 @@ def _inverse_cholesky(hr: np.ndarray, damp: float) -> np.ndarray:
     with _blas_single_thread():
         for _ in range(MAX_DAMP_TRIES):
             d[:] = base + np.float32(lam)
-            try:
-                m = np.linalg.cholesky(hr)  # J H J = M M^T
-            except np.linalg.LinAlgError:
-                lam *= 10.0
-                continue
-            u = _inv_lower(m)[::-1, ::-1]  # R^-1 = J M^-1 J, upper
-            if np.isfinite(u).all() and (np.diag(u) > 0).all():
-                return u
+            dinv = cholesky_inplace(hr)  # J H J = M M^T, M in hr's lower triangle; its upper is still H
+            if dinv is not None:
+                break
+            mirror_lower(hr)  # not positive definite: H again, more damping
             lam *= 10.0
-    raise QFError(f"GPTQ: the Hessian stays singular after damping up to {lam:.3g}")
+        else:
+            raise QFError(f"GPTQ: the Hessian stays singular after damping up to {lam:.3g}")
+        zero_upper(hr)
+        invert_lower_inplace(hr, dinv)  # M^-1
+    u = np.ascontiguousarray(hr[::-1, ::-1], dtype=np.float32)  # R^-1 = J M^-1 J, upper
+    if not np.isfinite(u).all():
+        raise QFError(f"GPTQ: the inverse Hessian factor overflows f32 (damping {lam:.3g})")
+    return u
 
 
 @dataclass
@@ -147,19 +144,19 @@ class Factor:
     """A Hessian made ready for GPTQ, shared by the linears that read one input (q/k/v, gate/up): dead inputs,
     the column order, the inverse Cholesky factor in that order, and the undamped H for the error measure."""
 
-    h: np.ndarray  # f64 [n_in, n_in]: as given (undamped, dead inputs untouched)
     dead: np.ndarray  # bool [n_in]: zero diagonal
     importance: np.ndarray  # f32 [n_in]: diag(H), dead inputs 1
     perm: np.ndarray  # int64 [n_in]: processing order (identity without act-order)
     u: np.ndarray  # f32 [n_in, n_in]: upper, U^T U = (H_perm + damping)^-1, factorized in f64
-    h32: np.ndarray  # f32 [n_in, n_in]: h for output_loss
+    h32: np.ndarray  # f32 [n_in, n_in]: H as given (undamped, dead inputs untouched), for the output error
     damp: float
     act_order: bool
 
 
-def factor(h: np.ndarray, damp: float = DEFAULT_DAMP, act_order: bool = False) -> Factor:
+def factor(h: np.ndarray, damp: float = DEFAULT_DAMP, act_order: bool = False, overwrite: bool = False) -> Factor:
     """Prepare Hessian h f64 [n_in, n_in] for gptq(): dead inputs get H[j, j] = 1, act_order sorts the columns by
-    descending diag(H), then the damped inverse Cholesky factor."""
+    descending diag(H), then the damped inverse Cholesky factor. overwrite: h (f64, C-contiguous) is used as
+    the factorization's scratch, so no other n x n f64 array is made (its contents are then undefined)."""
     h0 = np.asarray(h, dtype=np.float64)
     n = h0.shape[0]
     if h0.shape != (n, n):
@@ -169,12 +166,18 @@ def factor(h: np.ndarray, damp: float = DEFAULT_DAMP, act_order: bool = False) -
     dead = np.diag(h0) <= 0
     diag = np.where(dead, 1.0, np.diag(h0))  # diag: [n_in] f64, dead inputs 1
     perm = np.argsort(-diag, kind="stable") if act_order else np.arange(n)
+    h32 = h0.astype(np.float32)  # h32: [n_in, n_in]
     rev = perm[::-1]
-    hr = h0[np.ix_(rev, rev)]  # hr: [n_in, n_in] f64, J P^T H P J: the one f64 copy of H
+    if overwrite and h0 is h and h0.flags.c_contiguous and h0.flags.writeable:
+        hr = h0
+        permute_symmetric(hr, rev)  # in place: J P^T H P J
+    else:
+        hr = h0[np.ix_(rev, rev)]  # hr: [n_in, n_in] f64, J P^T H P J: the one f64 copy of H
+    del h0, h
     hr[dead[rev], dead[rev]] = 1.0
-    u = _inverse_cholesky(hr, damp).astype(np.float32)  # u: [n_in, n_in] f32 upper
+    u = _inverse_cholesky(hr, damp)  # u: [n_in, n_in] f32 upper
     del hr
-    return Factor(h0, dead, diag.astype(np.float32), perm, u, h0.astype(np.float32), damp, act_order)
+    return Factor(dead, diag.astype(np.float32), perm, u, h32, damp, act_order)
 
 
 @dataclass
@@ -205,8 +208,8 @@ def gptq(w: np.ndarray, h: np.ndarray | Factor, grid: Grid, block: int = DEFAULT
     w0 = np.asarray(w, dtype=np.float32)
     w = np.array(w0, dtype=np.float32)  # w: [rows, n_in], updated in place
     rows, n = w.shape
-    if f.h.shape != (n, n):
-        raise QFError(f"GPTQ: Hessian {f.h.shape} does not match a weight of {n} inputs")
+    if f.u.shape != (n, n):
+        raise QFError(f"GPTQ: Hessian {f.u.shape} does not match a weight of {n} inputs")
     if not np.isfinite(w).all():
         raise QFError("GPTQ: the weight holds inf/NaN")
     w[:, f.dead] = 0.0
@@ -243,11 +246,12 @@ def gptq(w: np.ndarray, h: np.ndarray | Factor, grid: Grid, block: int = DEFAULT
 
 
 def _losses(w: np.ndarray, q: np.ndarray, h32: np.ndarray) -> tuple[float, float]:
-    """output_loss of q and of zero against w, from one product with h32 f32 [n_in, n_in]."""
-    rows = w.shape[0]
-    d = np.concatenate([w - q, w])  # d: [2 rows, n_in]
-    e = ((d @ h32) * d).reshape(2, rows, -1).sum(axis=(1, 2), dtype=np.float64) / 2.0
-    return float(e[0]), float(e[1])
+    """output_loss of q and of zero against w, LOSS_ROWS rows at a time (products with h32 f32 [n_in, n_in])."""
+    e = np.zeros(2, np.float64)
+    for r0 in range(0, w.shape[0], LOSS_ROWS):
+        d = np.concatenate([w[r0:r0 + LOSS_ROWS] - q[r0:r0 + LOSS_ROWS], w[r0:r0 + LOSS_ROWS]])  # d: [2 r, n_in]
+        e += ((d @ h32) * d).reshape(2, -1).sum(axis=1, dtype=np.float64)
+    return float(e[0] / 2.0), float(e[1] / 2.0)
 
 
 def output_loss(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> float:

@@ -142,7 +142,8 @@ class GPTQMethod:
             if not todo:
                 return
             from qf.quant.gptq import factor
-            f = factor(group.hessian(), p.damp, act_order=p.act_order != "none" and not p.ggml)  # once per input
+            f = factor(group.hessian(), p.damp, act_order=p.act_order != "none" and not p.ggml,
+                       overwrite=True)  # once per input; H itself becomes the factorization's scratch
             for role in todo:
                 (self._ggml if p.ggml else self._int)(layer, role, p, f)
 
@@ -189,7 +190,7 @@ class GPTQMethod:
             stored = grid.tensor()
             layer.report(role, r.relative)
         else:
-            stored = codec.quantize(w, np.diag(f.h).astype(np.float32))
+            stored = codec.quantize(w, np.diag(f.h32).copy())
         layer.set_weight(role, codec.dequantize(stored).reshape(w.shape))
         layer.emit(role, stored)
 
