@@ -35,19 +35,35 @@ from bench_runtime import model_file  # noqa: E402
 
 CHILD = """
 import inspect, json, resource, sys, time
+launch = float(sys.argv[7])  # the parent's time.time() at launch
 t0 = time.perf_counter()
 from qf.runtime import Model
 t1 = time.perf_counter()
-opts = {"precompile": False} if sys.argv[4] == "0" and "precompile" in inspect.signature(Model.load).parameters else {}
+params = inspect.signature(Model.load).parameters
+opts = {"precompile": False} if sys.argv[4] == "0" and "precompile" in params else {}
+if sys.argv[5] != "auto" and "cold_start" in params:
+    opts["cold_start"] = sys.argv[5] == "1"
 m = Model.load(sys.argv[1], n_ctx=1024, n_threads=int(sys.argv[3]), **opts)
 t2 = time.perf_counter()
 ids = m.tokenize("Once upon a time, " * 64)[:int(sys.argv[2])]
-g = m.generate(ids, max_tokens=1, temperature=0)
-first = next(iter(g))
-t3 = time.perf_counter()
+g = m.generate(ids, max_tokens=int(sys.argv[6]), temperature=0)
+stamps = []
+for _ in g:
+    stamps.append(time.perf_counter())
+    if len(stamps) == 1:
+        first_since_launch = time.time() - launch
 r = resource.getrusage(resource.RUSAGE_SELF)
+wait = getattr(m, "wait_kernels", None)  # a cold start's background compile: the next run finds the cache full
+if wait is not None:
+    wait()
+t4 = time.perf_counter()
+gate = getattr(m, "_gate", None)
+switched = {k: v - launch for k, v in gate.switched_at.items()} if gate is not None else {}
+since_launch = time.time() - launch - (t4 - t0)  # interpreter start-up before t0
 m.close()
-print(json.dumps({"import": t1 - t0, "load": t2 - t1, "prompt": t3 - t2, "n_prompt": len(ids),
+print(json.dumps({"import": t1 - t0, "load": t2 - t1, "prompt": stamps[0] - t2, "n_prompt": len(ids),
+                  "first": first_since_launch, "last": stamps[-1] - t0 + since_launch, "n_gen": len(stamps),
+                  "all_compiled": t4 - t0 + since_launch, "matvec_compiled": switched.get("matvec"),
                   "main_cpu": r.ru_utime + r.ru_stime}))
 """
 
@@ -58,13 +74,17 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run_child(path: Path, n_prompt: int, threads: int, cache: str, background: bool, source: Path | None) -> dict:
-    """One process to the first token; its phase times, the wall time from launch and its CPU time."""
+def run_child(path: Path, n_prompt: int, threads: int, cache: str, background: bool, source: Path | None,
+              cold: str = "auto", n_gen: int = 16) -> dict:
+    """One process to its n_gen-th token (greedy; it then waits for its background compile to end): phase
+    times, first / last token and "all compiled" times from the interpreter's start, the launch overhead
+    added ("wall" is from launch to exit), and its CPU time (children included)."""
     env = dict(os.environ, NUMBA_CACHE_DIR=cache)
     if source is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(source), *filter(None, [env.get("PYTHONPATH")])])
     c0, t0 = _children_cpu(), time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", CHILD, str(path), str(n_prompt), str(threads), str(int(background))],
+    out = subprocess.run([sys.executable, "-c", CHILD, str(path), str(n_prompt), str(threads), str(int(background)),
+                          cold, str(n_gen), repr(time.time())],
                          env=env, capture_output=True, text=True, check=True, cwd=cache)  # not a source tree's root
     wall = time.perf_counter() - t0
     res = json.loads(out.stdout.strip().splitlines()[-1])
@@ -76,29 +96,36 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--types", default="Q4_K_M", help="SmolLM2 file types (comma-separated)")
     ap.add_argument("-p", "--n-prompt", type=int, default=165)
+    ap.add_argument("-n", "--n-gen", type=int, default=16, help="tokens generated (greedy) per run")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--runs", type=int, default=1, help="cold + warm pairs per type")
+    ap.add_argument("--runs", type=int, default=1, help="cold + warm pairs per type and mode")
+    ap.add_argument("--no-cold", action="store_true",
+                    help="also runs with Model.load(cold_start=False): kernels compiled in-process, as before")
     ap.add_argument("--no-background", action="store_true",
-                    help="also runs with Model.load(precompile=False): no background compile processes")
+                    help="also runs with Model.load(precompile=False, cold_start=False): one process compiles all")
     ap.add_argument("--qf-base", type=Path, help="also from this qf source tree (a baseline), alternated")
     args = ap.parse_args()
-    print(f"load average {os.getloadavg()[0]:.1f}\n")
-    print("| model | qf | run | to first token s | cpu s | main cpu s | import s | load s | "
-          f"prompt ({args.n_prompt} tok) s |\n|---|---|---|---|---|---|---|---|---|")
+    print(f"load average {os.getloadavg()[0]:.1f}, {os.cpu_count()} CPUs\n")
+    n = args.n_gen
+    print(f"| model | qf | mode | run | 1st token s | {n}th token s | compiled steps from s | all compiled s | cpu s "
+          f"| main cpu s | import s | load s | prompt ({args.n_prompt} tok) s |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     trees = ([("base", args.qf_base)] if args.qf_base is not None else []) + [("this", None)]
-    modes = (True, False) if args.no_background else (True,)
+    modes = [("default", True, "auto")] + ([("cold_start=False", True, "0")] if args.no_cold else []) \
+        + ([("precompile=False", False, "0")] if args.no_background else [])
     for t in (x.strip() for x in args.types.split(",") if x.strip()):
         path = model_file(t)
         for _ in range(args.runs):
             for tree, source in trees:
-                for bg in modes:
+                for mode, bg, cold in modes:
                     with tempfile.TemporaryDirectory(prefix="qf-numba-") as cache:
                         for label in ("cold", "warm"):
-                            r = run_child(path, args.n_prompt, args.threads, cache, bg, source)
-                            name = label + ("" if bg else ", precompile=False")
-                            print(f"| SmolLM2 {t} | {tree} | {name} | {r['wall']:.1f} | {r['cpu']:.1f} | "
-                                  f"{r['main_cpu']:.1f} | {r['import']:.1f} | {r['load']:.1f} | {r['prompt']:.1f} |",
-                                  flush=True)
+                            r = run_child(path, args.n_prompt, args.threads, cache, bg, source, cold, n)
+                            dec = "-" if r.get("matvec_compiled") is None else f"{r['matvec_compiled']:.1f}"
+                            print(f"| SmolLM2 {t} | {tree} | {mode} | {label} | {r['first']:.1f} | {r['last']:.1f} | "
+                                  f"{dec} | {r['all_compiled']:.1f} | {r['cpu']:.1f} | {r['main_cpu']:.1f} | {r['import']:.1f} "
+                                  f"| {r['load']:.1f} | {r['prompt']:.1f} |", flush=True)
+    print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
 
 
 if __name__ == "__main__":

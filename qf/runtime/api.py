@@ -14,7 +14,8 @@ from qf.format.errors import ContextOverflowError, ModelClosedError, ModelError,
 from qf.format.model_check import unsupported_architecture
 from qf.format.reader import open_gguf
 from qf.runtime.arch import all_forwards
-from qf.runtime.backend import FLASH_MIN_ROWS, CpuBackend, CpuKV
+from qf.runtime import coldstart
+from qf.runtime.backend import FLASH_MIN_ROWS, ColdStartBackend, CpuBackend, CpuKV
 from qf.runtime.devices import gpu_may_exist
 from qf.runtime.placement import Placement, build_forward, placement_from_plan, uniform_placement
 from qf.runtime.planner import Plan, TensorOverride, moe_overrides, parse_overrides, plan_from_file
@@ -105,6 +106,20 @@ class Model:
         self._last: Generation | None = None
         self._closed = False
         self._cpu: CpuBackend | None = None  # set by load
+        self._gate: coldstart.ColdGate | None = None  # set by load on a cold start
+
+    @property
+    def kernels_ready(self) -> bool:
+        """Whether every op runs on compiled kernels (False during a cold start's numpy window)."""
+        if self._gate is None:
+            return True
+        self._gate.refresh()
+        return self._gate.warm
+
+    def wait_kernels(self, timeout: float | None = None) -> bool:
+        """Wait until the cold start's background compile has put every kernel in numba's disk cache (the next
+        forward pass then runs compiled); True when it has (at once without a cold start)."""
+        return True if self._gate is None else self._gate.wait(timeout)
 
     @property
     def repacked_bytes(self) -> int:
@@ -119,7 +134,7 @@ class Model:
              type_v: str = DEFAULT_KV_TYPE, allow_context_extension: bool = False,
              torch_options: Mapping[str, Any] | None = None, cpu_moe: bool = False, n_cpu_moe: int = 0,
              override_tensor: str | Sequence[str] | None = None, precompile: bool = True,
-             repack: bool = False) -> "Model":
+             repack: bool = False, cold_start: bool | None = None) -> "Model":
         """Open a .qf/.gguf file by mmap, validate it, and prepare a KV cache of n_seq slots of n_ctx positions.
 
         gpu_layers: 0 runs on the CPU; N puts the last N layers on the GPU(s) (llama.cpp's -ngl); "auto"
@@ -146,6 +161,11 @@ class Model:
         fresh install's first prompt finds them there (kernels.cpu.precompile_background).
         repack: the CPU backend keeps quantized weights as integer panels in RAM beyond the mmap (llama.cpp
         repacks by default; kernels/cpu_repack.py); `repacked_bytes` says how much once loaded.
+        cold_start (None: on unless QF_COLD_START=0): when numba's disk cache lacks this model's kernels (a fresh
+        install), skip the warm-up, run on numpy + BLAS (kernels/cold.py, nothing to compile) and compile the
+        kernels in one background process; each kernel set is used from the forward pass after it is cached
+        (qf.runtime.coldstart; `kernels_ready` / `wait_kernels`). Only for a model wholly on the CPU backend it
+        builds (no cpu_backend, no GPU layers).
         """
         t0 = time.perf_counter()
         path = os.fspath(path)
@@ -158,12 +178,26 @@ class Model:
             tokenizer = _tokenizer(f.meta, hp, path)
             ctx = _context_size(n_ctx, hp, allow_context_extension)
             kv = KVSpec(n_seq, ctx, hp.n_head_kv, hp.head_dim, hp.head_dim, type_k, type_v)
-            cpu = cpu_backend or CpuBackend(n_threads or default_threads(), repack=repack)
+            gate = None
+            if cpu_backend is None and (gpu_layers == 0 or (gpu_layers is None and not gpu_may_exist())) \
+                    and coldstart.enabled(cold_start):
+                key = coldstart.model_key({ti.type for ti in f.tensors.values()}, kv.type_k, kv.type_v,
+                                          forward_cls.activation, repack)
+                values = sum(math.prod(ti.ne) for ti in f.tensors.values() if len(ti.ne) >= 2)
+                gate = coldstart.ColdGate.for_model(key) if values <= coldstart.COLD_MAX_VALUES else None
+                gate = None if gate is None or gate.warm else gate
+            if gate is not None:
+                cpu = ColdStartBackend(gate, n_threads or default_threads(), repack=repack,
+                                       wait_decode=values > coldstart.COLD_STEP_MAX_VALUES)
+            else:
+                cpu = cpu_backend or CpuBackend(n_threads or default_threads(), repack=repack)
             overrides = moe_overrides(cpu_moe, n_cpu_moe) + parse_overrides(override_tensor)
             placement, plan = _placement(path, ctx, n_batch, hp.n_layer, cpu, gpu_layers, vram, tensor_split, kv,
                                          torch_options, overrides)
             _check_host_memory(kv, sum(be is cpu for be in placement.layers))
-            if precompile and kernels.INT8_MIN_TOKENS is not None and any(be is cpu for be in placement.layers):
+            if gate is not None:  # the compile process precompiles the integer kernels in its turn
+                coldstart.spawn_compile(gate, path, ctx, cpu.n_threads, kv.type_k, kv.type_v, repack)
+            elif precompile and kernels.INT8_MIN_TOKENS is not None and any(be is cpu for be in placement.layers):
                 kernels.precompile_background({ti.type for ti in f.tensors.values()})
             forward = build_forward(forward_cls, hp, spec, load_tensors(f, hp, path), placement, ctx)
             template = chat_template_from_metadata(f.meta, *_bos_eos_text(tokenizer))
@@ -175,7 +209,10 @@ class Model:
         model = cls(path, f, hp, forward, tokenizer, template, n_batch, 0.0, plan,
                     DecodeThreads(cpu.n_threads) if adapt else None, kv.n_slots, kv.type_k, kv.type_v)
         model._cpu = cpu
-        if warmup:
+        model._gate = gate
+        if gate is not None and model._scheduler.threads is not None:
+            gate.on_switch.append(model._scheduler.threads.reset)  # numpy step times say nothing of the kernels'
+        if warmup and (gate is None or gate.decode):
             model._warmup()
         model.load_seconds = time.perf_counter() - t0
         return model

@@ -18,7 +18,7 @@ from qf.format.errors import ModelError
 from qf.format.ggml_types import GGMLType
 from qf.runtime.kernels import cpu as kernels
 from qf.runtime.kernels import cpu_attention as attn
-from qf.runtime.kernels import cpu_payload, cpu_repack
+from qf.runtime.kernels import cold, cpu_blas, cpu_payload, cpu_repack
 from qf.runtime.kv_cache import KVSpec, LayerKV, hadamard
 from qf.runtime.weights import PayloadRef, TensorRef, WeightRef
 
@@ -341,8 +341,23 @@ class CpuKV:
         self._put(self.spec.type_k, self.k, self.k_scales, k, slots, pos)
         self._put(self.spec.type_v, self.v, self.v_scales, v, slots, pos)
 
+    def _cold(self, kernel_set: str) -> bool:
+        """Whether ops of a kernel set ("decode": row attention, quantized stores; "prefill": the tiled
+        attention of a prompt chunk) run on numpy (ColdKV); never here."""
+        return False
+
     @staticmethod
-    def _put(type_name: str, data: np.ndarray, scales: np.ndarray, x: np.ndarray, slots: np.ndarray,
+    def _tiled(q: np.ndarray, slots: np.ndarray, pos: np.ndarray) -> bool:
+        """Whether the rows take the tiled prefill attention (cpu_attention.attention_flash)."""
+        return _one_chunk(slots, pos) and q.shape[2] % 16 == 0
+
+    def _cold_keys(self, slot: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Positions 0 .. n - 1 of a slot's K and V as f32 [Hkv, n, D] (for the numpy attention)."""
+        s = self.spec
+        return (cold.read_keys(s.type_k, self.k, self.k_scales, slot, n),
+                cold.read_keys(s.type_v, self.v, self.v_scales, slot, n))
+
+    def _put(self, type_name: str, data: np.ndarray, scales: np.ndarray, x: np.ndarray, slots: np.ndarray,
              pos: np.ndarray) -> None:
         """Write rows x [M, Hkv, D] in the cache type (quantized per 32 values for q8_0 / q4_0)."""
         if type_name == "f32":
@@ -351,8 +366,12 @@ class CpuKV:
             data[slots, :, pos, :] = x.astype(np.float16).view(np.uint16)
         else:
             x = np.ascontiguousarray(x, dtype=np.float32)
-            d = np.empty((x.shape[0], x.shape[1], x.shape[2] // attn.QBLOCK), dtype=np.float32)
-            (attn.store_q8_0 if type_name == "q8_0" else attn.store_q4_0)(x, data, d, slots, pos)
+            if self._cold("decode"):  # ggml's reference quantizers in numpy, the same bytes
+                q, d = (cold.quantize_q8_0 if type_name == "q8_0" else cold.quantize_q4_0)(x)
+                data[slots, :, pos, :] = q
+            else:
+                d = np.empty((x.shape[0], x.shape[1], x.shape[2] // attn.QBLOCK), dtype=np.float32)
+                (attn.store_q8_0 if type_name == "q8_0" else attn.store_q4_0)(x, data, d, slots, pos)
             scales[slots, :, pos, :] = d.astype(np.float16).view(np.uint16)
 
     def attend(self, q: np.ndarray, slots: np.ndarray, pos: np.ndarray, scale: float | None = None,
@@ -364,7 +383,10 @@ class CpuKV:
         keys = int(pos.max()) + 1 if window <= 0 else min(int(pos.max()) + 1, window)
         work = q.shape[0] * self.spec.n_head_kv * keys
         sc = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
-        if _one_chunk(slots, pos) and q.shape[2] % 16 == 0:
+        tiled = self._tiled(q, slots, pos)
+        if self._cold("prefill" if tiled else "decode"):
+            out = cold.attend(q, self._cold_keys, slots, pos, sc, int(window))
+        elif tiled:
             attn.attention_flash(q, self.k, self.k_scales, self.v, self.v_scales, attn.F16_TABLE, int(slots[0]),
                                  int(pos[0]), sc, int(window), out, numba.get_num_threads())
         else:
@@ -373,3 +395,100 @@ class CpuKV:
         if self.rot_v is not None:
             out = out @ self.rot_v  # sum p (v H) = (sum p v) H; H H = I
         return out.reshape(q.shape[0], -1)
+
+
+class ColdKV(CpuKV):
+    """A CpuKV whose stores and attention run on numpy (kernels/cold.py) while its gate says their compiled
+    kernels are not in numba's disk cache yet; same arrays, same layout."""
+
+    def __init__(self, spec: KVSpec, gate: Any) -> None:
+        super().__init__(spec)
+        self.gate = gate
+
+    def _cold(self, kernel_set: str) -> bool:
+        """Whether the gate says that set is not compiled yet."""
+        return not getattr(self.gate, kernel_set)
+
+
+class ColdStartBackend(CpuBackend):
+    """The CPU backend of a fresh install: each op runs on numpy + BLAS (kernels/cold.py, nothing to compile)
+    until the compiled kernels it needs are in numba's disk cache, then on them (qf.runtime.coldstart).
+
+    The gate is read once per forward pass, at the embedding lookup (a pass runs on one set of kernels): the
+    matvec set serves one-row products (most of a decode step's time); the decode set row gathers, norms,
+    RoPE, activations, row attention and quantized KV stores; the prefill set the products of several rows
+    and the tiled attention of a prompt chunk.
+    """
+
+    name = "cpu"
+
+    def __init__(self, gate: Any, n_threads: int | None = None, repack: bool = False,
+                 wait_decode: bool = False) -> None:
+        """wait_decode: a one-token pass (a decode step) waits for the compiled one-row products instead of
+        running on numpy (a large model, where decoding every weight per token costs more than the wait)."""
+        super().__init__(n_threads, repack)
+        self.gate = gate
+        self.wait_decode = bool(wait_decode)
+
+    def _matrix_cold(self, w: Any, m: int) -> bool:
+        """Whether a product of m rows with w runs on numpy now (payload weights always run compiled)."""
+        return isinstance(w, kernels.QMatrix) and not (self.gate.prefill if m > 1 else self.gate.matvec)
+
+    def set_threads(self, n: int | None = None) -> None:
+        """As CpuBackend's, one thread fewer while the compile process runs (it holds a core: a fork-join
+        kernel whose thread shares that core waits for it at every barrier)."""
+        n = n or self.n_threads
+        if n and not self.gate.warm:
+            n = max(1, int(n) - 1)
+        super().set_threads(n)
+
+    def kv_layer(self, spec: KVSpec) -> CpuKV:
+        """One layer's cache, on numpy while the gate says so."""
+        return ColdKV(spec, self.gate)
+
+    def embed(self, w: Any, ids: np.ndarray) -> np.ndarray:
+        """ids [M] -> rows [M, n_embd]; first re-reads the gate (a forward pass starts here)."""
+        self.gate.refresh()
+        if self.wait_decode and not self.gate.matvec and np.size(ids) == 1:
+            self.gate.wait_decode()
+        if self.gate.decode or not isinstance(w, kernels.QMatrix):
+            return super().embed(w, ids)
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or (ids.size and (ids.min() < 0 or ids.max() >= w.n_out)):
+            return super().embed(w, ids)  # its error message
+        return cold.get_rows(w.type, w.data, w.n_in, ids)
+
+    def rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+        """[M, n] -> [M, n]."""
+        return super().rms_norm(x, w, eps) if self.gate.decode else cold.rms_norm(x, w, eps)
+
+    def linear(self, w: Any, x: np.ndarray, bias: np.ndarray | None = None, exact_rows: bool = False) -> np.ndarray:
+        """[M, n_in] -> [M, n_out]; on numpy: a BLAS product per decoded tile (row by row for exact_rows)."""
+        if not self._matrix_cold(w, x.shape[0]):
+            return super().linear(w, x, bias, exact_rows)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        f = cold.matmul_rows if exact_rows and x.shape[0] > 1 else cold.matmul
+        with cpu_blas.single_threaded():  # the compile process holds a core: a fork-join BLAS would wait on it
+            y = f(w.type, w.data, w.n_in, x)
+        if bias is not None:
+            y += bias
+        return y
+
+    def linears(self, ws: Sequence[Any], x: np.ndarray, biases: Sequence[np.ndarray | None],
+                exact_rows: bool = False) -> list[np.ndarray]:
+        """One `linear` each while cold, the merged calls once compiled."""
+        if any(self._matrix_cold(w, x.shape[0]) for w in ws):
+            return [self.linear(w, x, b, exact_rows) for w, b in zip(ws, biases)]
+        return super().linears(ws, x, biases, exact_rows)
+
+    def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, pos: np.ndarray, neox: bool) -> None:
+        """In place on x [M, H, D]."""
+        (super().rope if self.gate.decode else cold.rope)(x, cos, sin, pos, neox)
+
+    def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        """silu(gate) * up, into gate."""
+        return super().swiglu(gate, up) if self.gate.decode else cold.swiglu(gate, up)
+
+    def geglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        """gelu_tanh(gate) * up, into gate."""
+        return super().geglu(gate, up) if self.gate.decode else cold.geglu(gate, up)

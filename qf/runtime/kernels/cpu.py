@@ -374,7 +374,8 @@ def precompile_background(types: Iterable[GGMLType | int | str], parts: int | No
     _STARTED.update(todo)
     n = max(1, min(len(todo), _cores() - 1 if processes is None else int(processes)))
     shares = [todo[i::n] for i in range(n)]
-    code = "import sys; from qf.runtime.kernels import cpu; cpu.precompile(sys.argv[2:], int(sys.argv[1]))"
+    code = (f"import os, sys; os.nice({int(BACKGROUND_NICE)}); from qf.runtime.kernels import cpu; "
+            "cpu.precompile(sys.argv[2:], int(sys.argv[1]))")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[3]),
                                                        *filter(None, [os.environ.get("PYTHONPATH")])]))
     procs = [subprocess.Popen([sys.executable, "-c", code, str(INT8_PARTS if parts is None else parts),
@@ -393,6 +394,7 @@ def _cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+BACKGROUND_NICE = 0  # niceness added to precompile processes (qf.runtime.coldstart raises it in its own)
 _BACKGROUND: list[subprocess.Popen] = []  # precompile processes the integer kernels wait for
 _BG_LOCK = threading.Lock()
 _STARTED: set[GGMLType] = set()  # types a background process of this one compiles or compiled
