@@ -108,6 +108,23 @@ def test_factor_in_place_equals_a_copy_and_numpy(act: bool) -> None:
     assert np.array_equal(a.u, np.triu(a.u))
 
 
+def test_error_measured_on_the_inputs_equals_the_hessian_one() -> None:
+    from qf.format.errors import QFError
+    from qf.quant.gptq import factor
+    x, w = _data(n_in=256, rows=8, t=100)  # fewer rows than inputs: the inputs are kept, not an f32 H
+    x[:, 7] = 0.0
+    h = hessian(x)
+    fa, fb = factor(h, 0.01), factor(h.copy(), 0.01, overwrite=True, inputs=x)
+    assert fb.h32 is None and fb.x is not None and fa.h32 is not None and fa.x is None
+    assert np.array_equal(fa.u, fb.u) and np.array_equal(fa.hdiag, np.diag(h).astype(np.float32))
+    ra, rb = gptq(w, fa, IntGrid(*w.shape, 4, 32, True)), gptq(w, fb, IntGrid(*w.shape, 4, 32, True))
+    assert np.array_equal(ra.q, rb.q)
+    assert rb.loss == pytest.approx(ra.loss, rel=1e-4) and rb.energy == pytest.approx(ra.energy, rel=1e-4)
+    assert rb.loss == pytest.approx(_out_err(x, w, rb.q) * w.shape[0], rel=1e-4)  # mean over T, summed over rows
+    with pytest.raises(QFError, match="do not match"):
+        factor(h, 0.01, inputs=x[:, :10])
+
+
 @pytest.mark.parametrize("act", [False, True])
 def test_a_shared_factor_gives_the_same_codes(act: bool) -> None:
     from qf.quant.gptq import factor

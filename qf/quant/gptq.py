@@ -142,21 +142,27 @@ def _inverse_cholesky(hr: np.ndarray, damp: float) -> np.ndarray:
 @dataclass
 class Factor:
     """A Hessian made ready for GPTQ, shared by the linears that read one input (q/k/v, gate/up): dead inputs,
-    the column order, the inverse Cholesky factor in that order, and the undamped H for the error measure."""
+    the column order, the inverse Cholesky factor in that order, and for the error measure either the undamped
+    H in f32 or, when there are fewer calibration rows than inputs, the inputs themselves (smaller, and the
+    products with them cheaper: (W - Q) H (W - Q)^T / 2 = |X (W - Q)^T|^2 / T)."""
 
     dead: np.ndarray  # bool [n_in]: zero diagonal
     importance: np.ndarray  # f32 [n_in]: diag(H), dead inputs 1
     perm: np.ndarray  # int64 [n_in]: processing order (identity without act-order)
     u: np.ndarray  # f32 [n_in, n_in]: upper, U^T U = (H_perm + damping)^-1, factorized in f64
-    h32: np.ndarray  # f32 [n_in, n_in]: H as given (undamped, dead inputs untouched), for the output error
+    h32: np.ndarray | None  # f32 [n_in, n_in]: H as given (undamped, dead inputs untouched); None when x is kept
+    x: np.ndarray | None  # f32 [T, n_in], C-contiguous, T < n_in: the inputs behind H (not a copy), else None
+    hdiag: np.ndarray  # f32 [n_in]: diag(H) as given (dead inputs 0)
     damp: float
     act_order: bool
 
 
-def factor(h: np.ndarray, damp: float = DEFAULT_DAMP, act_order: bool = False, overwrite: bool = False) -> Factor:
+def factor(h: np.ndarray, damp: float = DEFAULT_DAMP, act_order: bool = False, overwrite: bool = False,
+           inputs: np.ndarray | None = None) -> Factor:
     """Prepare Hessian h f64 [n_in, n_in] for gptq(): dead inputs get H[j, j] = 1, act_order sorts the columns by
     descending diag(H), then the damped inverse Cholesky factor. overwrite: h (f64, C-contiguous) is used as
-    the factorization's scratch, so no other n x n f64 array is made (its contents are then undefined)."""
+    the factorization's scratch, so no other n x n f64 array is made (its contents are then undefined).
+    inputs: the X [T, n_in] with h = 2/T X^T X; when T < n_in the error measure uses it instead of an f32 H."""
     h0 = np.asarray(h, dtype=np.float64)
     n = h0.shape[0]
     if h0.shape != (n, n):
@@ -166,7 +172,14 @@ def factor(h: np.ndarray, damp: float = DEFAULT_DAMP, act_order: bool = False, o
     dead = np.diag(h0) <= 0
     diag = np.where(dead, 1.0, np.diag(h0))  # diag: [n_in] f64, dead inputs 1
     perm = np.argsort(-diag, kind="stable") if act_order else np.arange(n)
-    h32 = h0.astype(np.float32)  # h32: [n_in, n_in]
+    x = None
+    if inputs is not None:
+        if inputs.ndim != 2 or inputs.shape[1] != n or inputs.shape[0] == 0:
+            raise QFError(f"GPTQ: inputs of shape {inputs.shape} do not match a Hessian of {n} inputs")
+        if inputs.shape[0] < n:
+            x = np.ascontiguousarray(inputs, dtype=np.float32)
+    h32 = h0.astype(np.float32) if x is None else None  # h32: [n_in, n_in]
+    hdiag = np.diag(h0).astype(np.float32)
     rev = perm[::-1]
     if overwrite and h0 is h and h0.flags.c_contiguous and h0.flags.writeable:
         hr = h0
@@ -177,7 +190,7 @@ def factor(h: np.ndarray, damp: float = DEFAULT_DAMP, act_order: bool = False, o
     hr[dead[rev], dead[rev]] = 1.0
     u = _inverse_cholesky(hr, damp)  # u: [n_in, n_in] f32 upper
     del hr
-    return Factor(dead, diag.astype(np.float32), perm, u, h32, damp, act_order)
+    return Factor(dead, diag.astype(np.float32), perm, u, h32, x, hdiag, damp, act_order)
 
 
 @dataclass
@@ -241,17 +254,22 @@ def gptq(w: np.ndarray, h: np.ndarray | Factor, grid: Grid, block: int = DEFAULT
             grid.record(cols, codes)
         w[:, b1:] -= err @ u[b0:b1, b1:]
     q = grid.values()
-    loss, energy = _losses(w0, q, f.h32)
+    loss, energy = _losses(w0, q, f)
     return GPTQResult(q, perm, loss, energy)
 
 
-def _losses(w: np.ndarray, q: np.ndarray, h32: np.ndarray) -> tuple[float, float]:
-    """output_loss of q and of zero against w, LOSS_ROWS rows at a time (products with h32 f32 [n_in, n_in])."""
+def _losses(w: np.ndarray, q: np.ndarray, f: Factor) -> tuple[float, float]:
+    """output_loss of q and of zero against w, LOSS_ROWS rows at a time: d H d^T / 2 with f.h32, or
+    |X d^T|^2 / T with f.x (H = 2/T X^T X)."""
     e = np.zeros(2, np.float64)
     for r0 in range(0, w.shape[0], LOSS_ROWS):
         d = np.concatenate([w[r0:r0 + LOSS_ROWS] - q[r0:r0 + LOSS_ROWS], w[r0:r0 + LOSS_ROWS]])  # d: [2 r, n_in]
-        e += ((d @ h32) * d).reshape(2, -1).sum(axis=1, dtype=np.float64)
-    return float(e[0] / 2.0), float(e[1] / 2.0)
+        if f.h32 is not None:
+            e += ((d @ f.h32) * d).reshape(2, -1).sum(axis=1, dtype=np.float64) / 2.0
+        else:
+            y = d @ f.x.T  # y: [2 r, T]
+            e += np.square(y).reshape(2, -1).sum(axis=1, dtype=np.float64) / f.x.shape[0]
+    return float(e[0]), float(e[1])
 
 
 def output_loss(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> float:

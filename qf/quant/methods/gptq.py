@@ -142,8 +142,8 @@ class GPTQMethod:
             if not todo:
                 return
             from qf.quant.gptq import factor
-            f = factor(group.hessian(), p.damp, act_order=p.act_order != "none" and not p.ggml,
-                       overwrite=True)  # once per input; H itself becomes the factorization's scratch
+            f = factor(group.hessian(), p.damp, act_order=p.act_order != "none" and not p.ggml, overwrite=True,
+                       inputs=group.x)  # once per input; H itself becomes the factorization's scratch
             for role in todo:
                 (self._ggml if p.ggml else self._int)(layer, role, p, f)
 
@@ -190,7 +190,7 @@ class GPTQMethod:
             stored = grid.tensor()
             layer.report(role, r.relative)
         else:
-            stored = codec.quantize(w, np.diag(f.h32).copy())
+            stored = codec.quantize(w, f.hdiag.copy())
         layer.set_weight(role, codec.dequantize(stored).reshape(w.shape))
         layer.emit(role, stored)
 
