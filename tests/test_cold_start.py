@@ -331,3 +331,30 @@ def test_smollm2_cold_logits_match_compiled(smollm2_gguf: Path) -> None:
         got = m.logits(ids)
     assert _kld(want.astype(np.float64), got.astype(np.float64)) < 1e-5
     assert (want.argmax(-1) == got.argmax(-1)).mean() > 0.99
+
+
+def test_cold_experts_match_compiled() -> None:
+    """A mixture-of-experts feed-forward on the cold backend (rows routed to experts, one product each)."""
+    from qf.runtime.arch.blocks import Experts, moe_ffn, route
+
+    rng = np.random.default_rng(6)
+    codec = get_codec(GGMLType.Q8_0)
+    mats = [[codec.quantize((rng.standard_normal(s) * 0.2).astype(np.float32)).view(np.uint8).reshape(s[0], -1)
+             for _ in range(4)] for s in ((96, 64), (96, 64), (64, 96))]
+    h = rng.standard_normal((6, 64)).astype(np.float32)
+    sel, w = route(rng.standard_normal((6, 4)).astype(np.float32), 2, True)
+    outs = []
+    for be in (CpuBackend(1), ColdStartBackend(StubGate(), 1)):
+        ex = Experts(be, *[[cpu.QMatrix(GGMLType.Q8_0, m, m.shape[1] // 34 * 32, m.shape[0]) for m in ms]
+                           for ms in mats])
+        outs.append(moe_ffn(ex, h, sel, w, False, 64))
+    np.testing.assert_allclose(outs[1], outs[0], atol=1e-4 * np.abs(outs[0]).max(), rtol=0)
+
+
+def test_compile_process_touches_each_marker(cold_models: dict[str, Path], tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compile process runs the model once per set and leaves the markers (its kernels are then cached)."""
+    monkeypatch.setattr(cpu, "BACKGROUND_NICE", cpu.BACKGROUND_NICE)  # main() sets it for its own process
+    marks = [tmp_path / f"{name}.done" for name in coldstart.SETS]
+    coldstart.main([str(cold_models["llama-q4_0-untied"]), "64", "1", "f16", "f16", "0", *map(str, marks)])
+    assert all(m.exists() for m in marks)

@@ -196,16 +196,19 @@ def compile_matvec(model: Any) -> None:
     the bulk of a decode step's work, so the cold path's steps switch to them first."""
     f = model._forward
     seen: set[tuple[type, Any]] = set()
-    for L in [*f.layers, None]:
-        be = f.head_be if L is None else L.be
-        ws = [f.output] if L is None else [getattr(L, r) for r in LAYER_ROLES]
-        for w in ws:
-            key = (type(w), getattr(w, "type", None))
-            if getattr(w, "n_in", None) is None or key in seen:
-                continue
-            seen.add(key)
-            be.set_threads()
-            be.linear(w, np.zeros((1, w.n_in), np.float32))
+    calls = [(f.head_be, f.output)]
+    for L in f.layers:
+        calls += [(L.be, getattr(L, r)) for r in LAYER_ROLES]
+        if L.experts is not None:  # one expert's matrices stand for all (same types)
+            ex = L.experts
+            calls += [(ex.be, m[0]) for m in (ex.gate, ex.up, ex.down) if m]
+    for be, w in calls:
+        key = (type(w), getattr(w, "type", None), id(be))
+        if getattr(w, "n_in", None) is None or key in seen:
+            continue
+        seen.add(key)
+        be.set_threads()
+        be.linear(w, np.zeros((1, w.n_in), np.float32))
 
 
 def compile_decode(model: Any) -> None:
