@@ -44,6 +44,39 @@ def test_repacked_equals_matmul_q8(t: GGMLType) -> None:
                 _check_q8_matmul(y, w, xq)
 
 
+@pytest.mark.parametrize("t", [GGMLType.Q4_0, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K], ids=lambda t: t.name)
+def test_one_part_equals_matmul_q8(t: GGMLType) -> None:
+    """MergedCall(parts=1) (ggml's Q8_0 activations) equals matmul_q8 on one-part activations, every tile path."""
+    rng = np.random.default_rng(520 + int(t))
+    n_in = _n_in(t, 8)
+    data, _ = _quantized(t, 37, n_in, rng)
+    w = cpu.QMatrix(t, data, n_in, 37)
+    call = cpu_repack.MergedCall([cpu_repack.repack(w)], parts=1)
+    x = rng.standard_normal((49, n_in)).astype(np.float32)
+    for n_tok in (1, 5, 16, 35, 49):
+        assert np.array_equal(call(x[:n_tok])[0], cpu.matmul_q8(w, cpu.quantize_q8(x[:n_tok], 1))), n_tok
+    with pytest.raises(cpu_repack.RepackError, match="1 or 2"):
+        cpu_repack.MergedCall([cpu_repack.repack(w)], parts=3)
+
+
+@pytest.mark.skipif(not cpu_repack.AMX, reason="needs AMX-INT8 (and the kernel's permission)")
+@pytest.mark.parametrize("t", [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q4_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("parts", (1, 2))
+def test_amx_tiles_equal_the_vnni_tiles(t: GGMLType, parts: int) -> None:
+    """The AMX groups of 16 tokens (one-scale types) give the VNNI tiles' bits (a stamp without AMX runs the
+    same panels through rtile1 only)."""
+    rng = np.random.default_rng(540 + int(t) + parts)
+    n_in = _n_in(t, 10)
+    r = cpu_repack.repack(cpu.QMatrix(t, _quantized(t, 35, n_in, rng)[0], n_in, 35))
+    plain = cpu_repack._Stamp(parts, False)
+    for n_tok in (16, 31, 64):
+        x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
+        none = cpu_repack._none(r.panels)
+        args = (r.base.kind, cpu.ISA, r.panels, none, none, r.n_out, 0, 0, x, 2)
+        got = cpu_repack.matmul_kernel(cpu_repack.STAMPS[parts], *args)[0]
+        assert np.array_equal(got, cpu_repack.matmul_kernel(plain, *args)[0]), n_tok
+
+
 @pytest.mark.parametrize("t", [GGMLType.Q4_0, GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0], ids=lambda t: t.name)
 def test_repacked_bit_patterns(t: GGMLType) -> None:
     """Every quant bit pattern (scales finite), activations of very different sizes per block."""

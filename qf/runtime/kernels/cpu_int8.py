@@ -219,11 +219,26 @@ def _ov_dot32(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, a, plane):
 
 
 @njit(inline="always", fastmath=FASTMATH, cache=True)
+def apply1(i, s0, m0, d, sx0, acc):
+    """acc + a 32-weight unit's integer dot i (i32x16) scaled: the f32 part of _unit1 (shared with the AMX
+    tiles of cpu_repack.py, so that both give the same bits)."""
+    return vfma(m0, vsplat(sx0), vfma(icvt(i), vmul(s0, vsplat(d)), acc))
+
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def apply2(lo, hi, s0, s1, m0, m1, d, sx0, sx1, acc):
+    """acc + a unit's two 16-weight integer dots lo, hi scaled: the f32 part of _unit2."""
+    vd = vsplat(d)
+    acc = vfma(icvt(lo), vmul(s0, vd), acc)
+    acc = vfma(icvt(hi), vmul(s1, vd), acc)
+    return vfma(m1, vsplat(sx1), vfma(m0, vsplat(sx0), acc))
+
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
 def _unit1(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, a, plane, s0, m0, d, sx0, acc):
     """acc + one 32-weight unit of one token; a: flat index of its activations; d: its scale; s0, m0: the
     unit's factors; sx0: d * the sum of its activations."""
-    i = _dot32(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, a, plane)
-    return vfma(m0, vsplat(sx0), vfma(icvt(i), vmul(s0, vsplat(d)), acc))
+    return apply1(_dot32(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, a, plane), s0, m0, d, sx0, acc)
 
 
 @njit(inline="always", fastmath=FASTMATH, cache=True)
@@ -231,10 +246,7 @@ def _unit2(isa, w0, w1, w2, w3, w4, w5, w6, w7, qx, a, plane, s0, s1, m0, m1, d,
     """As _unit1 for a type that scales every 16 weights: factors and sums of the two halves."""
     lo = _dot16(isa, w0, w1, w2, w3, qx, a, plane)
     hi = _dot16(isa, w4, w5, w6, w7, qx, a + 16, plane)
-    vd = vsplat(d)
-    acc = vfma(icvt(lo), vmul(s0, vd), acc)
-    acc = vfma(icvt(hi), vmul(s1, vd), acc)
-    return vfma(m1, vsplat(sx1), vfma(m0, vsplat(sx0), acc))
+    return apply2(lo, hi, s0, s1, m0, m1, d, sx0, sx1, acc)
 
 
 @njit(inline="always", fastmath=FASTMATH, cache=True)

@@ -293,6 +293,25 @@ def wload(typingctx, buf, off):
     return q8x64(buf, off), codegen
 
 
+@intrinsic
+def wstore(typingctx, buf, off, v):
+    """buf[off : off + 64] = v (a panel slice; u8 array, byte offset)."""
+    def codegen(context, builder, sig, args):
+        o = _intp(context, builder, args[1], sig.args[1])
+        builder.store(args[2], _ptr(context, builder, sig.args[0], args[0], o, _V64I8), align=1)
+        return context.get_dummy_value()
+    return types.none(buf, off, v), codegen
+
+
+@intrinsic
+def iload(typingctx, arr, i):
+    """arr[i : i + 16] of an int32 array, as i32x16."""
+    def codegen(context, builder, sig, args):
+        o = _intp(context, builder, args[1], sig.args[1])
+        return builder.load(_ptr(context, builder, sig.args[0], args[0], o, _V16I32), align=4)
+    return i32x16(arr, i), codegen
+
+
 # ------------------------------------------------------------------ the integer dot product
 
 def _dot_vnni512(builder, acc, w, x):

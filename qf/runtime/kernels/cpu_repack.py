@@ -17,7 +17,14 @@ the file's bytes, Q4_K 0.75 byte per weight (1.33x), Q6_K 1.25 (1.52x); the othe
 Q2_K: 1.55-3x) are not repacked by default.
 
 The results are bit for bit those of `cpu.matmul_q8` on two-part activations (the same panels, the same
-sums in the same order), for any token count: a row depends on its own token only.
+sums in the same order), for any token count: a row depends on its own token only. `MergedCall(ws, parts=1)`
+quantizes in one part instead (ggml's Q8_0, as llama.cpp; half the dot products, but a whole-model KLD
+against the f32 path of ~1e-3 per matrix role on SmolLM2, benchmarks/bench_int8_parts.py: not a default).
+
+Where the host has AMX-INT8 (`cpu_amx.available()`), a prefill batch runs each 16-token group of a panel of a
+one-scale type (Q4_0, Q4_1, Q8_0, Q4_K) as tile products (`tdpbsud`: 16 tokens x 16 rows x 32 weights per
+instruction) into the same integer dots, scaled by the same f32 code (cpu_int8.apply1): the same bits as the
+VNNI tiles, which take the remaining tokens. QF_AMX=0 turns it off.
 """
 
 from __future__ import annotations
@@ -33,13 +40,14 @@ from numba.extending import NativeValue, intrinsic, models, overload, register_m
 
 from qf.format.errors import QFError
 from qf.format.ggml_types import GGMLType
-from qf.runtime.kernels import cpu, cpu_registry
+from qf.runtime.kernels import cpu, cpu_amx, cpu_registry
+from qf.runtime.kernels.cpu_amx import tile_config, tile_dot, tile_load, tile_release, tile_store, tile_zero
 from qf.runtime.kernels.cpu_decoder import FASTMATH
 from qf.runtime.kernels.cpu_idecode import IDECODERS
 from qf.runtime.kernels.cpu_int8 import (PANEL, UNIT, UNIT_BYTES, _build_panel, _store, _store4, _tokens, _unit1, _unit2,
-                                         quantize_row)
-from qf.runtime.kernels.cpu_isimd import q8x64, wload
-from qf.runtime.kernels.cpu_simd import f32x16, prefetch, vmul, vsplat, vzero
+                                         apply1, quantize_row)
+from qf.runtime.kernels.cpu_isimd import LO_BITS, iadd, iload, ishl, q8x64, wload, wstore
+from qf.runtime.kernels.cpu_simd import f32x16, prefetch, vload, vmul, vsplat, vstore, vzero
 
 # ggml types whose unsigned quants fit in 4 bits: their panels hold nibbles (the other integer types: bytes).
 NIBBLE_TYPES = frozenset({GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K, GGMLType.Q3_K, GGMLType.Q2_K})
@@ -57,14 +65,19 @@ DEFAULT_TYPES = frozenset({GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, GGMLType
 
 PREFETCH = 2048  # decode: bytes ahead of the unit being read (as the f32 kernels, cpu_drivers.py)
 SERIAL_TOKENS = 8  # batches of at most this many tokens are quantized in the calling thread (no fork-join)
+PARTS = 2  # default 8-bit activation parts of a repacked product (cpu.INT8_PARTS' meaning)
 
 
 class _StampType(types.Type):
     """numba type of the module's source tag: the hash of every kernel source its kernels inline (cpu_int8.py
-    and below), so that numba's disk cache (which only watches this file) never serves a stale kernel."""
+    and below), so that numba's disk cache (which only watches this file) never serves a stale kernel; and
+    the number of 8-bit activation parts (1 or 2) the kernels it is passed to quantize into."""
 
-    def __init__(self) -> None:
-        super().__init__(name=f"qf_repack({cpu_registry.source_stamp(extra=('cpu_int8', 'cpu_repack'))})")
+    def __init__(self, parts: int, amx: bool) -> None:
+        self.parts = parts
+        self.amx = amx
+        stamp = cpu_registry.source_stamp(extra=("cpu_int8", "cpu_repack", "cpu_amx"))
+        super().__init__(name=f"qf_repack({stamp},{parts}{',amx' if amx else ''})")
 
 
 register_model(_StampType)(models.OpaqueModel)
@@ -77,9 +90,13 @@ def _unbox_stamp(typ, obj, c):
 
 
 class _Stamp:
-    """The source tag every kernel of this module takes first."""
+    """The source tag every kernel of this module takes first (one per activation-part count)."""
 
-    _numba_type_ = _StampType()
+    __slots__ = ("parts", "_numba_type_")
+
+    def __init__(self, parts: int, amx: bool) -> None:
+        self.parts = parts
+        self._numba_type_ = _StampType(parts, amx)
 
 
 @typeof_impl.register(_Stamp)
@@ -88,7 +105,20 @@ def _typeof_stamp(val, c):
     return val._numba_type_
 
 
-STAMP = _Stamp()
+AMX = cpu_amx.available()  # prefill tiles of 16 tokens on AMX (tdpbsud) where the host has it
+STAMPS = {1: _Stamp(1, AMX), 2: _Stamp(2, AMX)}  # activation parts -> tag
+STAMP = STAMPS[2]
+
+
+def _planes(stamp, m, n_in):
+    """int8 [M, n_in] (one activation part) or [2, M, n_in] (two), as the stamp's type says."""
+
+
+@overload(_planes, inline="always")
+def _ov_planes(stamp, m, n_in):
+    if stamp.parts == 1:
+        return lambda stamp, m, n_in: np.empty((m, n_in), np.int8)
+    return lambda stamp, m, n_in: np.empty((2, m, n_in), np.int8)
 
 
 class RepackError(QFError, ValueError):
@@ -289,26 +319,197 @@ def rone2(stamp, kind, isa, q, qx, dx, sx, out, t, r0):
     _store(out, t, r0, f0)
 
 
-def _rpanel(stamp, kind, isa, q, qx, dx, sx16, sx32, out, r0):
-    """Rows r0 .. r0 + 15 of a stored panel for every token: 4 tokens at a time, the rest one by one."""
+# ------------------------------------------------------------------ AMX: 16 tokens x 16 rows per tile product
+
+GROUP = 16  # tokens per AMX tile (its rows)
+
+
+def _stamp_consts(stamp):
+    """(parts, amx) of a stamp, as compile-time constants."""
+
+
+@overload(_stamp_consts, inline="always")
+def _ov_stamp_consts(stamp):
+    parts, amx = stamp.parts, stamp.amx
+    return lambda stamp: (parts, amx)
+
+
+def _tiles(stamp, kind):
+    """Whether the panels of this kind run their 16-token groups on AMX: the stamp has AMX and the type one
+    scale per 32 weights (two-scale types, Q6_K, Q3_K, Q2_K, measured no faster: they stay on VNNI)."""
+
+
+@overload(_tiles, inline="always")
+def _ov_tiles(stamp, kind):
+    on = stamp.amx and IDECODERS[GGMLType(kind.qtype)].subs == 1
+    return lambda stamp, kind: on
+
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def _amx_config():
+    """The tile configuration: tiles 0-3 i32 results [16 tokens x 16 rows], 4-5 activations [16 tokens x 32
+    bytes], 6-7 weights [8 slices x 64 bytes]."""
+    cfg = np.zeros(64, np.uint8)
+    cfg[0] = 1
+    for t in range(8):
+        cfg[16 + 2 * t] = UNIT if 4 <= t < 6 else 64
+        cfg[48 + t] = UNIT // 4 if t >= 6 else GROUP
+    return cfg
+
+
+def _unpacked(q, wbuf):
+    """The panel's quants as bytes in slice layout (512 per unit): nibble panels unpacked into wbuf, byte
+    panels as they are."""
+
+
+@overload(_unpacked, inline="always")
+def _ov_unpacked(q, wbuf):
+    if q.dtype == types.int8:
+        def nibbles(q, wbuf):
+            for u in range(wbuf.shape[0] // UNIT_BYTES):
+                for k in range(4):
+                    a = wload(q, 256 * u + 64 * k)
+                    o = UNIT_BYTES * u + 128 * k
+                    wstore(wbuf, o, nib_lo(a))
+                    wstore(wbuf, o + 64, nib_hi(a))
+            return wbuf
+        return nibbles
+    return lambda q, wbuf: q
+
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def _issue1(parts, slot, qx, a, plane, n_in, src, b, cbuf):
+    """One unit's tile products of a one-scale type into result slot `slot`, stored at cbuf[256 slot :]:
+    one part: slots 0-3 (tile = slot, weights in tile 6 + slot % 2); two parts: slots 0-1 holding tiles
+    (0, 1) or (2, 3), the first part's dots then the second's (weights in tile 6 or 7)."""
+    if parts == 1:
+        if slot == 0:
+            tile_zero(0)
+            tile_load(6, src, b, 64)
+            tile_load(4, qx, a, n_in)
+            tile_dot(0, 4, 6)
+            tile_store(0, cbuf, 0, 64)
+        elif slot == 1:
+            tile_zero(1)
+            tile_load(7, src, b, 64)
+            tile_load(5, qx, a, n_in)
+            tile_dot(1, 5, 7)
+            tile_store(1, cbuf, 1024, 64)
+        elif slot == 2:
+            tile_zero(2)
+            tile_load(6, src, b, 64)
+            tile_load(4, qx, a, n_in)
+            tile_dot(2, 4, 6)
+            tile_store(2, cbuf, 2048, 64)
+        else:
+            tile_zero(3)
+            tile_load(7, src, b, 64)
+            tile_load(5, qx, a, n_in)
+            tile_dot(3, 5, 7)
+            tile_store(3, cbuf, 3072, 64)
+    elif slot == 0:
+        tile_zero(0)
+        tile_zero(1)
+        tile_load(6, src, b, 64)
+        tile_load(4, qx, a, n_in)
+        tile_load(5, qx, plane + a, n_in)
+        tile_dot(0, 4, 6)
+        tile_dot(1, 5, 6)
+        tile_store(0, cbuf, 0, 64)
+        tile_store(1, cbuf, 1024, 64)
+    else:
+        tile_zero(2)
+        tile_zero(3)
+        tile_load(7, src, b, 64)
+        tile_load(4, qx, a, n_in)
+        tile_load(5, qx, plane + a, n_in)
+        tile_dot(2, 4, 7)
+        tile_dot(3, 5, 7)
+        tile_store(2, cbuf, 2048, 64)
+        tile_store(3, cbuf, 3072, 64)
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def amx_group1(stamp, kind, q, src, qx, dx, sx32, out, t, r0, cbuf, facc):
+    """Tokens t .. t + 15 against a stored panel of a one-scale type (src: its quants as bytes) on AMX: per
+    unit one tdpbsud per activation part gives the integer dots idot gives, scaled as rtile1 does (apply1):
+    the same bits. The products of unit u + 1 are issued before unit u is scaled (two result slots)."""
+    parts, amx = _stamp_consts(stamp)
+    n_tok = qx.shape[-2]
+    n_in = qx.shape[-1]
+    plane = n_tok * n_in
+    n_units, qb, fl = _geometry(q, n_in)
+    for j in range(GROUP):
+        vstore(facc, PANEL * j, vzero())
+    slots = 4 // parts  # results in flight: unit u is scaled while units u + 1 .. u + slots - 1 are multiplied
+    for u in range(min(slots - 1, n_units)):
+        _issue1(parts, u, qx, t * n_in + UNIT * u, plane, n_in, src, UNIT_BYTES * u, cbuf)
+    for u in range(n_units):
+        v = u + slots - 1
+        if v < n_units:
+            _issue1(parts, v % slots, qx, t * n_in + UNIT * v, plane, n_in, src, UNIT_BYTES * v, cbuf)
+        c = 256 * parts * (u % slots)
+        s, m = _scales(kind, q, qb, fl, PANEL * u)
+        for j in range(GROUP):
+            i = iload(cbuf, c + PANEL * j)
+            if parts == 2:
+                i = iadd(ishl(i, LO_BITS), iload(cbuf, c + 256 + PANEL * j))
+            vstore(facc, PANEL * j, apply1(i, s, m, dx[t + j, u], sx32[t + j, u], vload(facc, PANEL * j)))
+    for j in range(GROUP):
+        _store(out, t + j, r0, vload(facc, PANEL * j))
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def amx_groups(stamp, kind, q, qx, dx, sx16, sx32, out, r0, wbuf, cbuf, facc):
+    """The whole groups of 16 tokens of a stored panel of a one-scale type on AMX; returns the first token left
+    (a multiple of 16)."""
+    n_tok = qx.shape[-2]
+    src = _unpacked(q, wbuf)
+    t0 = n_tok - n_tok % GROUP
+    for t in range(0, t0, GROUP):
+        amx_group1(stamp, kind, q, src, qx, dx, sx32, out, t, r0, cbuf, facc)
+    return t0
+
+
+def _groups(stamp, kind, q, qx, dx, sx16, sx32, out, r0, wbuf, cbuf, facc):
+    """amx_groups where the stamp has AMX and the batch 16 tokens or more; else 0 (no token done)."""
+
+
+@overload(_groups, inline="always")
+def _ov_groups(stamp, kind, q, qx, dx, sx16, sx32, out, r0, wbuf, cbuf, facc):
+    if not (stamp.amx and IDECODERS[GGMLType(kind.qtype)].subs == 1):
+        return lambda stamp, kind, q, qx, dx, sx16, sx32, out, r0, wbuf, cbuf, facc: 0
+
+    def groups(stamp, kind, q, qx, dx, sx16, sx32, out, r0, wbuf, cbuf, facc):
+        if qx.shape[-2] < GROUP:
+            return 0
+        return amx_groups(stamp, kind, q, qx, dx, sx16, sx32, out, r0, wbuf, cbuf, facc)
+    return groups
+
+
+def _rpanel(stamp, kind, isa, q, qx, dx, sx16, sx32, out, r0, wbuf, cbuf, facc):
+    """Rows r0 .. r0 + 15 of a stored panel for every token: 16 tokens at a time on AMX (where the stamp
+    says), then 4 at a time, the rest one by one; wbuf, cbuf, facc: the AMX scratch of this thread."""
 
 
 @overload(_rpanel, inline="always")
-def _ov_rpanel(stamp, kind, isa, q, qx, dx, sx16, sx32, out, r0):
+def _ov_rpanel(stamp, kind, isa, q, qx, dx, sx16, sx32, out, r0, wbuf, cbuf, facc):
     if IDECODERS[GGMLType(kind.qtype)].subs == 1:
-        def panel1(stamp, kind, isa, q, qx, dx, sx16, sx32, out, r0):
+        def panel1(stamp, kind, isa, q, qx, dx, sx16, sx32, out, r0, wbuf, cbuf, facc):
             n_tok = qx.shape[-2]
+            t0 = _groups(stamp, kind, q, qx, dx, sx16, sx32, out, r0, wbuf, cbuf, facc)
             full = n_tok - n_tok % 4
-            for t in range(0, full, 4):
+            for t in range(t0, full, 4):
                 rtile1(stamp, kind, isa, q, qx, dx, sx32, out, t, r0)
             for t in range(full, n_tok):
                 rone1(stamp, kind, isa, q, qx, dx, sx32, out, t, r0)
         return panel1
 
-    def panel2(stamp, kind, isa, q, qx, dx, sx16, sx32, out, r0):
+    def panel2(stamp, kind, isa, q, qx, dx, sx16, sx32, out, r0, wbuf, cbuf, facc):
         n_tok = qx.shape[-2]
+        t0 = _groups(stamp, kind, q, qx, dx, sx16, sx32, out, r0, wbuf, cbuf, facc)
         full = n_tok - n_tok % 4
-        for t in range(0, full, 4):
+        for t in range(t0, full, 4):
             rtile2(stamp, kind, isa, q, qx, dx, sx16, out, t, r0)
         for t in range(full, n_tok):
             rone2(stamp, kind, isa, q, qx, dx, sx16, out, t, r0)
@@ -317,16 +518,27 @@ def _ov_rpanel(stamp, kind, isa, q, qx, dx, sx16, sx32, out, r0):
 
 @njit(fastmath=FASTMATH, cache=True)
 def _rpanels(stamp, kind, isa, w0, w1, w2, p0, p1, qx, dx, sx16, sx32, out0, out1, out2):
-    """Panels p0 .. p1 - 1 of the sequence w0, w1, w2 (a plain function: the parallel driver only calls it)."""
+    """Panels p0 .. p1 - 1 of the sequence w0, w1, w2 (a plain function: the parallel driver only calls it);
+    with AMX and 16 tokens or more, this thread configures its tiles first and releases them after."""
     n0 = w0.shape[0]
     n1 = w1.shape[0]
+    n_in = qx.shape[-1]
+    tiles = _tiles(stamp, kind) and qx.shape[-2] >= GROUP
+    wbuf = np.empty((n_in // UNIT) * UNIT_BYTES if tiles else 0, np.uint8)
+    cbuf = np.empty(1024 if tiles else 0, np.int32)
+    facc = np.empty(GROUP * PANEL if tiles else 0, np.float32)
+    if tiles:
+        tile_config(_amx_config())
     for p in range(p0, p1):
         if p < n0:
-            _rpanel(stamp, kind, isa, w0[p], qx, dx, sx16, sx32, out0, PANEL * p)
+            _rpanel(stamp, kind, isa, w0[p], qx, dx, sx16, sx32, out0, PANEL * p, wbuf, cbuf, facc)
         elif p < n0 + n1:
-            _rpanel(stamp, kind, isa, w1[p - n0], qx, dx, sx16, sx32, out1, PANEL * (p - n0))
+            _rpanel(stamp, kind, isa, w1[p - n0], qx, dx, sx16, sx32, out1, PANEL * (p - n0), wbuf, cbuf, facc)
         else:
-            _rpanel(stamp, kind, isa, w2[p - n0 - n1], qx, dx, sx16, sx32, out2, PANEL * (p - n0 - n1))
+            _rpanel(stamp, kind, isa, w2[p - n0 - n1], qx, dx, sx16, sx32, out2, PANEL * (p - n0 - n1), wbuf, cbuf,
+                    facc)
+    if tiles:
+        tile_release()
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -335,7 +547,7 @@ def matmul_kernel(stamp, kind, isa, w0, w1, w2, n0, n1, n2, x, n_threads):
     n2 rows, on n_threads threads; x f32 [M, n_in] is quantized here (two 8-bit parts: in this thread for a short batch, else in
     parallel), then the panels are cut into even shares, one per thread. One call: no Python between."""
     m, n_in = x.shape
-    qx = np.empty((2, m, n_in), np.int8)
+    qx = _planes(stamp, m, n_in)
     dx = np.empty((m, n_in // UNIT), np.float32)
     sx16 = np.empty((m, n_in // 16), np.float32)
     sx32 = np.empty((m, n_in // UNIT), np.float32)
@@ -516,11 +728,15 @@ class MergedCall:
     """matmul_many's kernel calls for fixed weights, worked out once (the per-step Python is a loop over them):
     the weights grouped by type, up to three per call."""
 
-    __slots__ = ("n_in", "n_out", "calls")
+    __slots__ = ("n_in", "n_out", "calls", "parts", "stamp")
 
-    def __init__(self, ws: Sequence[RepackedMatrix]) -> None:
+    def __init__(self, ws: Sequence[RepackedMatrix], parts: int | None = None) -> None:
         if not ws or any(w.n_in != ws[0].n_in for w in ws):
             raise RepackError("merged products need one or more weights of one input size")
+        self.parts = PARTS if parts is None else int(parts)
+        if self.parts not in STAMPS:
+            raise RepackError(f"activations are quantized in 1 or 2 8-bit parts; got {parts}")
+        self.stamp = STAMPS[self.parts]
         self.n_in = ws[0].n_in
         self.n_out = len(ws)
         by_type: dict[GGMLType, list[int]] = {}
@@ -541,10 +757,10 @@ class MergedCall:
         th = numba.get_num_threads()
         if len(self.calls) == 1:
             idx, (kind, p0, p1, p2, n0, n1, n2) = self.calls[0]
-            return list(matmul_kernel(STAMP, kind, cpu.ISA, p0, p1, p2, n0, n1, n2, x, th)[:len(idx)])
+            return list(matmul_kernel(self.stamp, kind, cpu.ISA, p0, p1, p2, n0, n1, n2, x, th)[:len(idx)])
         ys: list[np.ndarray] = [None] * self.n_out  # type: ignore[list-item]
         for idx, (kind, p0, p1, p2, n0, n1, n2) in self.calls:
-            for i, y in zip(idx, matmul_kernel(STAMP, kind, cpu.ISA, p0, p1, p2, n0, n1, n2, x, th)):
+            for i, y in zip(idx, matmul_kernel(self.stamp, kind, cpu.ISA, p0, p1, p2, n0, n1, n2, x, th)):
                 ys[i] = y
         return ys
 
