@@ -165,7 +165,7 @@ class Model:
         install), skip the warm-up, run on numpy + BLAS (kernels/cold.py, nothing to compile) and compile the
         kernels in one background process; each kernel set is used from the forward pass after it is cached
         (qf.runtime.coldstart; `kernels_ready` / `wait_kernels`). Only for a model wholly on the CPU backend it
-        builds (no cpu_backend, no GPU layers).
+        builds (no cpu_backend, no GPU layers) and with precompile (background processes allowed).
         """
         t0 = time.perf_counter()
         path = os.fspath(path)
@@ -179,8 +179,8 @@ class Model:
             ctx = _context_size(n_ctx, hp, allow_context_extension)
             kv = KVSpec(n_seq, ctx, hp.n_head_kv, hp.head_dim, hp.head_dim, type_k, type_v)
             gate = None
-            if cpu_backend is None and (gpu_layers == 0 or (gpu_layers is None and not gpu_may_exist())) \
-                    and coldstart.enabled(cold_start):
+            if precompile and cpu_backend is None and coldstart.enabled(cold_start) \
+                    and (gpu_layers == 0 or (gpu_layers is None and not gpu_may_exist())):
                 key = coldstart.model_key({ti.type for ti in f.tensors.values()}, kv.type_k, kv.type_v,
                                           forward_cls.activation, repack)
                 values = sum(math.prod(ti.ne) for ti in f.tensors.values() if len(ti.ne) >= 2)
@@ -195,11 +195,12 @@ class Model:
             placement, plan = _placement(path, ctx, n_batch, hp.n_layer, cpu, gpu_layers, vram, tensor_split, kv,
                                          torch_options, overrides)
             _check_host_memory(kv, sum(be is cpu for be in placement.layers))
-            if gate is not None:  # the compile process precompiles the integer kernels in its turn
-                coldstart.spawn_compile(gate, path, ctx, cpu.n_threads, kv.type_k, kv.type_v, repack)
-            elif precompile and kernels.INT8_MIN_TOKENS is not None and any(be is cpu for be in placement.layers):
+            if gate is None and precompile and kernels.INT8_MIN_TOKENS is not None \
+                    and any(be is cpu for be in placement.layers):
                 kernels.precompile_background({ti.type for ti in f.tensors.values()})
             forward = build_forward(forward_cls, hp, spec, load_tensors(f, hp, path), placement, ctx)
+            if gate is not None:  # the file checked out: compile its kernels (the integer ones in turn)
+                coldstart.spawn_compile(gate, path, ctx, cpu.n_threads, kv.type_k, kv.type_v, repack)
             template = chat_template_from_metadata(f.meta, *_bos_eos_text(tokenizer))
         except BaseException:
             f.close()
