@@ -1,20 +1,23 @@
-"""Cold start: seconds from a fresh interpreter to the first generated token, with an empty numba cache
-(a fresh install) and with the cache filled by that run (every later start).
+"""Cold start: seconds from launching a fresh interpreter to the first and the 16th generated token, with an
+empty numba cache (a fresh install) and with the cache filled by that run (every later start).
 
     python benchmarks/bench_cold_start.py                        # SmolLM2 Q4_K_M, 165-token prompt, 2 threads
-    python benchmarks/bench_cold_start.py --types Q4_0,Q4_K_M --runs 2
+    python benchmarks/bench_cold_start.py --no-cold --runs 2     # also Model.load(cold_start=False), alternated
+    python benchmarks/bench_cold_start.py --types Q4_0,Q4_K_M -n 32
     python benchmarks/bench_cold_start.py --no-background --qf-base /tmp/qf-old   # also without, and a baseline
 
-Each run is a new Python process (`python -c ...`) timed from its launch: imports, Model.load (weights
-mapped, hyperparameters checked, the warm-up batch and step that compile the decode kernels) and the prompt
-(which compiles the prefill kernels on first use, or loads those that Model.load's background processes
-compiled meanwhile, cpu.precompile_background), until the first token is out. "cold" points NUMBA_CACHE_DIR
-at an empty folder; "warm" reuses the folder the cold run filled. "cpu s" is the child's CPU time (user +
-system, all its threads and processes), "main cpu s" that of the process itself (the rest: its background
-compiles): on a loaded machine the wall time stretches, the compile work does not; on a quiet one the wall
-time is about the larger of the main process's and a background process's share. --no-background also
-runs Model.load(precompile=False) (one process compiles all); --qf-base DIR runs the same from another qf
-source tree (PYTHONPATH) for a baseline.
+Each run is a new Python process (`python -c ...`) timed from its launch: imports, Model.load and a greedy
+generation of -n tokens from the prompt; then it waits for its background compile (Model.wait_kernels), so
+the "warm" run that follows finds every kernel cached. "cold" points NUMBA_CACHE_DIR at an empty folder;
+"warm" reuses the folder the cold run filled. On a cold start the default Model.load runs the prompt on numpy
+(qf.runtime.coldstart) while one background process compiles the kernels: "compiled steps from" is when the
+first decode step ran on compiled kernels, "all compiled" when every kernel was in the cache (the process
+waited for it). With cold_start=False the main process compiles the decode kernels in its warm-up and the
+prefill kernels on the first prompt (the integer ones in background processes, cpu.precompile_background).
+"cpu s" is the child's CPU time (user + system, all its threads and processes, background compiles
+included), "main cpu s" that of the process itself: on a loaded machine the wall time stretches, the
+compile work does not; on a quiet one the first token comes about when the main process has had its CPU
+seconds to it. --qf-base DIR runs the same from another qf source tree (PYTHONPATH) for a baseline.
 """
 
 from __future__ import annotations
