@@ -29,7 +29,7 @@ DEFAULT_BLOCK = 128  # columns updated together before the lazy update of the re
 MAX_DAMP_TRIES = 6  # damping grows 10x per failed Cholesky
 ROWS_PER_GRAM = 8192  # rows of X per f32 product when accumulating X^T X
 GRAM_COLS = 512  # columns of X^T X per f32 product (the scratch is n_in x GRAM_COLS, not n_in x n_in)
-LOSS_ROWS = 256  # weight rows per product when measuring the output error
+LOSS_BYTES = 32 << 20  # scratch of the output error's products (few large products: BLAS threads cost per call)
 
 
 class Grid(Protocol):
@@ -259,11 +259,12 @@ def gptq(w: np.ndarray, h: np.ndarray | Factor, grid: Grid, block: int = DEFAULT
 
 
 def _losses(w: np.ndarray, q: np.ndarray, f: Factor) -> tuple[float, float]:
-    """output_loss of q and of zero against w, LOSS_ROWS rows at a time: d H d^T / 2 with f.h32, or
-    |X d^T|^2 / T with f.x (H = 2/T X^T X)."""
+    """output_loss of q and of zero against w, in blocks of rows whose products fit LOSS_BYTES: d H d^T / 2
+    with f.h32, or |X d^T|^2 / T with f.x (H = 2/T X^T X)."""
     e = np.zeros(2, np.float64)
-    for r0 in range(0, w.shape[0], LOSS_ROWS):
-        d = np.concatenate([w[r0:r0 + LOSS_ROWS] - q[r0:r0 + LOSS_ROWS], w[r0:r0 + LOSS_ROWS]])  # d: [2 r, n_in]
+    step = max(1, LOSS_BYTES // (24 * w.shape[1]))  # d, its product and their product: 3 x [2 step, n_in] f32
+    for r0 in range(0, w.shape[0], step):
+        d = np.concatenate([w[r0:r0 + step] - q[r0:r0 + step], w[r0:r0 + step]])  # d: [2 step, n_in]
         if f.h32 is not None:
             e += ((d @ f.h32) * d).reshape(2, -1).sum(axis=1, dtype=np.float64) / 2.0
         else:
