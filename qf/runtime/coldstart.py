@@ -9,7 +9,8 @@ on the numpy path of kernels/cold.py (backend.ColdStartBackend), and one backgro
 1. "matvec": a one-row product with a weight of each type (most of a decode step's time);
 2. "decode": a one-token prefill and a step (row gathers, norms, RoPE, activations, KV stores, row attention);
 3. "prefill": the tiled attention of a prompt chunk and a PREFILL_TOKENS-token prompt (the integer products,
-   which its own background processes compile meanwhile, kernels.cpu.precompile_background);
+   which its own background processes, started after the "matvec" set, compile meanwhile,
+   kernels.cpu.precompile_background; a repacked decode step waits for them too);
 
 touching each set's marker when done. The model's gate reads the markers once per forward pass (at its
 embedding lookup); from the pass after a marker appears, that set's ops run compiled, loaded from the disk
@@ -244,10 +245,13 @@ def main(argv: list[str]) -> None:
     from qf.runtime.kernels import cpu
 
     cpu.BACKGROUND_NICE = NICE_PREFILL  # the integer kernels' processes yield to this one and to the caller
-    with Model.load(path, n_ctx=int(n_ctx), n_threads=int(n_threads) or None, type_k=type_k, type_v=type_v,
-                    repack=bool(int(repack)), warmup=False, cold_start=False) as model:
-        compile_matvec(model)
+    with Model.load(path, n_ctx=int(n_ctx), n_threads=int(n_threads) or None, type_k=type_k,
+                    type_v=type_v, repack=bool(int(repack)), warmup=False, cold_start=False,
+                    precompile=False) as model:
+        compile_matvec(model)  # before the integer compile processes start: nothing here waits for them
         Path(matvec_marker).touch()
+        if cpu.INT8_MIN_TOKENS is not None:
+            cpu.precompile_background({ti.type for ti in model._file.tensors.values()})
         compile_decode(model)
         Path(decode_marker).touch()
         compile_prefill(model)
