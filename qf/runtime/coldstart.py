@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from qf.format.tensor_roles import LAYER_ROLES
+from qf.runtime.backend import linears
 
 ENV = "QF_COLD_START"  # "0": no cold path (every kernel compiles in-process on first use)
 NICE_PREFILL = 5  # niceness of the integer-kernel compile processes: the decode kernels come first
@@ -193,8 +194,9 @@ def spawn_compile(gate: ColdGate, path: str, n_ctx: int, n_threads: int | None, 
 # ---------------------------------------------------------------------------------------- the compile process
 
 def compile_matvec(model: Any) -> None:
-    """One-row products with one weight of each type and kind (the CPU backend's matrix-vector kernels):
-    the bulk of a decode step's work, so the cold path's steps switch to them first."""
+    """One-row products with one weight of each type and kind (the CPU backend's matrix-vector kernels), and
+    the merged calls of Q/K/V and gate/up (repacked weights): the bulk of a decode step's work, so the cold
+    path's steps switch to them first."""
     f = model._forward
     seen: set[tuple[type, Any]] = set()
     calls = [(f.head_be, f.output)]
@@ -210,6 +212,14 @@ def compile_matvec(model: Any) -> None:
         seen.add(key)
         be.set_threads()
         be.linear(w, np.zeros((1, w.n_in), np.float32))
+    groups: set[tuple[Any, ...]] = set()  # the merged calls of weights that read the same rows (repacked)
+    for L in f.layers:
+        for ws in ((L.wq, L.wk, L.wv), (L.w_gate, L.w_up)):
+            key = (id(L.be), *((type(w), getattr(w, "type", None)) for w in ws))
+            if all(getattr(w, "n_in", None) is not None for w in ws) and key not in groups:
+                groups.add(key)
+                L.be.set_threads()
+                linears(L.be, ws, np.zeros((1, ws[0].n_in), np.float32), (None,) * len(ws))
 
 
 def compile_decode(model: Any) -> None:
