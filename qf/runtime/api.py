@@ -188,7 +188,7 @@ class Model:
                 gate = None if gate is None or gate.warm else gate
             if gate is not None:
                 cpu = ColdStartBackend(gate, n_threads or default_threads(), repack=repack,
-                                       wait_decode=values > coldstart.COLD_STEP_MAX_VALUES)
+                                       wait_decode=values > coldstart.COLD_STEP_MAX_VALUES and not repack)
             else:
                 cpu = cpu_backend or CpuBackend(n_threads or default_threads(), repack=repack)
             overrides = moe_overrides(cpu_moe, n_cpu_moe) + parse_overrides(override_tensor)

@@ -46,6 +46,7 @@ COLD_MAX_VALUES = 1_000_000_000
 # A cold decode step decodes every weight (~0.5 s for SmolLM2-135M): past ~0.1 s of that, a decode step
 # waits for the compiled one-row products instead (~3 CPU s of compiling for four weight types, on a core of
 # its own): as soon at the 16th token on 2 idle cores, half the CPU, and much sooner on a loaded machine.
+# Not with repacked weights: their one-row products are integer kernels per type (~3x the compile work).
 COLD_STEP_MAX_VALUES = 30_000_000
 POLL_S = 0.02  # marker polling period of a waiting decode step
 PREFILL_TOKENS = 48  # the compile process's prompt: the integer products (>= 16 rows) and BLAS tiles (>= 48)
