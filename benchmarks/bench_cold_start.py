@@ -126,8 +126,8 @@ def main() -> None:
                             r = run_child(path, args.n_prompt, args.threads, cache, bg, source, cold, n)
                             dec = "-" if r.get("matvec_compiled") is None else f"{r['matvec_compiled']:.1f}"
                             print(f"| SmolLM2 {t} | {tree} | {mode} | {label} | {r['first']:.1f} | {r['last']:.1f} | "
-                                  f"{dec} | {r['all_compiled']:.1f} | {r['cpu']:.1f} | {r['main_cpu']:.1f} | {r['import']:.1f} "
-                                  f"| {r['load']:.1f} | {r['prompt']:.1f} |", flush=True)
+                                  f"{dec} | {r['all_compiled']:.1f} | {r['cpu']:.1f} | {r['main_cpu']:.1f} | "
+                                  f"{r['import']:.1f} | {r['load']:.1f} | {r['prompt']:.1f} |", flush=True)
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
 
 
