@@ -18,6 +18,10 @@ import pytest
 if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# A fresh numba cache would otherwise send the first loads to the numpy cold-start path and spawn compile processes,
+# depending on timing; tests of that path (test_cold_start.py) ask for it explicitly.
+os.environ.setdefault("QF_COLD_START", "0")
+
 from qf.tools.fetch import cache_dir, fetch_model  # noqa: E402
 
 # Modules whose code decides what an exported folder contains: their source hash names the cached export.

@@ -78,9 +78,9 @@ class Scheduler:
 
     @property
     def n_running(self) -> int:
-        """Requests holding a slot."""
+        """Requests holding a slot and not yet finished (a finished one frees its slot at the next iteration)."""
         with self._cv:
-            return len(self._active)
+            return sum(not r.done for r in self._active.values())
 
     @property
     def n_waiting(self) -> int:
