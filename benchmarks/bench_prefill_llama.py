@@ -12,6 +12,9 @@ Each round runs, per model, llama-bench once (-r 1, JSON output) and then qbench
 separate processes, one after the other: load that drifts over minutes hits both sides of a ratio alike.
 The table gives each side's median tokens/s and the median of the per-round ratios qf / llama.cpp.
 
+--base-env VAR=VALUE instead makes the third side this tree under those variables (e.g. --repack --base-env
+QF_AMX=0: AMX tiles against VNNI only, in the same rounds).
+
 --qf-base DIR adds a third side in every round: qbench run from another qf source tree (e.g. `git archive
 <commit> | tar -x -C DIR`, imported first through PYTHONPATH), so a change is measured against its baseline
 and llama.cpp under the same load. Each round prints the 1-minute load average (a shared machine's load
@@ -48,10 +51,10 @@ def llama_bench(binary: Path, model: Path, n_prompt: int, n_gen: int, threads: i
 
 
 def qbench(model: Path, n_prompt: int, n_gen: int, threads: int, source: Path | None = None,
-           repack: bool = False) -> dict[str, float]:
+           repack: bool = False, extra_env: dict[str, str] | None = None) -> dict[str, float]:
     """{"pp512": t/s, "tg128": t/s} from one qbench run (of the qf source tree `source` when given; repack:
-    `qbench --repack`)."""
-    env = dict(os.environ)
+    `qbench --repack`; extra_env: variables set for the run)."""
+    env = dict(os.environ) | (extra_env or {})
     if source is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(source), *filter(None, [env.get("PYTHONPATH")])])
     with tempfile.TemporaryDirectory() as d:
@@ -76,7 +79,15 @@ def main() -> None:
     ap.add_argument("--repack", action="store_true",
                     help="run our side as `qbench --repack` (llama-bench repacks by default; the baseline never does: "
                          "--qf-base . then measures repacking against no repacking in the same rounds)")
+    ap.add_argument("--base-env", action="append", default=[], metavar="VAR=VALUE",
+                    help="the baseline is this tree (with --repack as given) under these variables (repeatable), "
+                         "e.g. QF_AMX=0: a switch measured on and off in the same rounds")
     args = ap.parse_args()
+    base_env = dict(e.split("=", 1) for e in args.base_env if "=" in e)
+    if len(base_env) != len(args.base_env):
+        sys.exit("--base-env takes VAR=VALUE")
+    if base_env and args.qf_base is not None:
+        sys.exit("--base-env and --qf-base are two kinds of baseline: give one")
     if not args.llama_bench.is_file():
         sys.exit(f"no llama-bench at {args.llama_bench}")
     if args.qf_base is not None and not (args.qf_base / "qf" / "__init__.py").is_file():
@@ -86,6 +97,9 @@ def main() -> None:
     sides = {"llama.cpp": lambda p: llama_bench(args.llama_bench, p, args.n_prompt, args.n_gen, args.threads)}
     if args.qf_base is not None:
         sides["qf base"] = lambda p: qbench(p, args.n_prompt, args.n_gen, args.threads, args.qf_base)
+    elif base_env:
+        sides["qf base"] = lambda p: qbench(p, args.n_prompt, args.n_gen, args.threads, repack=args.repack,
+                                            extra_env=base_env)
     sides["qf"] = lambda p: qbench(p, args.n_prompt, args.n_gen, args.threads, repack=args.repack)
     runs: dict[tuple[str, str, str], list[float]] = {}
     for k in range(args.rounds):
@@ -97,7 +111,7 @@ def main() -> None:
                     print(f"  {name} {test} {side}: {tps:.1f} t/s", file=sys.stderr, flush=True)
     print(f"\n{args.rounds} alternated rounds, {args.threads} threads; load average at the end "
           f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
-    base = args.qf_base is not None
+    base = args.qf_base is not None or bool(base_env)
     print("| model | test | llama.cpp t/s |" + (" qf base t/s |" if base else "") + " qf t/s | qf / llama.cpp (median of "
           "rounds) | min - max |" + (" qf base / llama.cpp | qf / qf base |" if base else "") + "\n"
           "|---|---|---|---|---|---|" + ("---|---|---|" if base else ""))

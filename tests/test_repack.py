@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from qf.format.ggml_types import GGMLType, row_bytes
-from qf.runtime.kernels import cpu, cpu_repack
+from qf.runtime.kernels import cpu, cpu_amx, cpu_repack
 from test_h4_int8 import _check_q8_matmul, _n_in
 from test_kernels_cpu import _quantized, _random_bytes
 
@@ -59,7 +59,7 @@ def test_one_part_equals_matmul_q8(t: GGMLType) -> None:
         cpu_repack.MergedCall([cpu_repack.repack(w)], parts=3)
 
 
-@pytest.mark.skipif(not cpu_repack.AMX, reason="needs AMX-INT8 (and the kernel's permission)")
+@pytest.mark.skipif(not cpu_amx.supported(), reason="needs AMX-INT8 (and the kernel's permission)")
 @pytest.mark.parametrize("t", [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q4_K], ids=lambda t: t.name)
 @pytest.mark.parametrize("parts", (1, 2))
 def test_amx_tiles_equal_the_vnni_tiles(t: GGMLType, parts: int) -> None:
@@ -68,12 +68,12 @@ def test_amx_tiles_equal_the_vnni_tiles(t: GGMLType, parts: int) -> None:
     rng = np.random.default_rng(540 + int(t) + parts)
     n_in = _n_in(t, 10)
     r = cpu_repack.repack(cpu.QMatrix(t, _quantized(t, 35, n_in, rng)[0], n_in, 35))
-    plain = cpu_repack._Stamp(parts, False)
+    tiles, plain = cpu_repack._Stamp(parts, True), cpu_repack._Stamp(parts, False)
     for n_tok in (16, 31, 64):
         x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
         none = cpu_repack._none(r.panels)
         args = (r.base.kind, cpu.ISA, r.panels, none, none, r.n_out, 0, 0, x, 2)
-        got = cpu_repack.matmul_kernel(cpu_repack.STAMPS[parts], *args)[0]
+        got = cpu_repack.matmul_kernel(tiles, *args)[0]
         assert np.array_equal(got, cpu_repack.matmul_kernel(plain, *args)[0]), n_tok
 
 

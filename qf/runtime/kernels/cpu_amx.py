@@ -7,9 +7,10 @@ layout of the integer kernels' panels (cpu_int8.py), so a panel unit is a B tile
 
 The intrinsics are LLVM's immediate-operand ones (`llvm.x86.tileloadd64` and friends: tile numbers are
 compile-time constants), so no asm parser is needed. Linux hands AMX state to a process only on request
-(`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`): `available()` asks once and says whether the CPU,
-the kernel and numba's LLVM target all have it (QF_AMX=0 turns it off). The tile configuration is per
-thread: each worker configures before its first tile instruction and releases after its last.
+(`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`): `supported()` asks once and says whether the CPU,
+the kernel and numba's LLVM target all have it; `enabled()` adds the opt-in (QF_AMX=1). The tile
+configuration is per thread: each worker configures before its first tile instruction and releases after
+its last.
 """
 
 from __future__ import annotations
@@ -32,11 +33,17 @@ _ARCH_REQ_XCOMP_PERM = 0x1023
 _XFEATURE_XTILEDATA = 18
 
 
+def enabled() -> bool:
+    """Whether the kernels use AMX: opt-in (QF_AMX=1) where `supported()`. Not a default: on a shared
+    2-core host the tile kernels measured +15-20% per matmul (1 thread) but no steady whole-model gain, and
+    they add compile time (see cpu_repack.py)."""
+    return os.environ.get("QF_AMX", "0") == "1" and supported()
+
+
 @lru_cache(maxsize=None)
-def available() -> bool:
-    """Whether AMX-INT8 tiles can be used here: CPU flags, numba's LLVM target and the kernel's permission."""
-    if os.environ.get("QF_AMX", "1") == "0":
-        return False
+def supported() -> bool:
+    """Whether AMX-INT8 tiles can be used here: CPU flags, numba's LLVM target and the kernel's permission
+    (asked for once)."""
     from qf.runtime.kernels.cpu_isimd import _target_features
 
     if not {"amx-int8", "amx-tile"} <= _target_features():
@@ -141,4 +148,4 @@ def tile_dot(typingctx, c, a, b):
     return types.none(c, a, b), codegen
 
 
-__all__ = ["available", "tile_config", "tile_dot", "tile_load", "tile_release", "tile_store", "tile_zero"]
+__all__ = ["enabled", "supported", "tile_config", "tile_dot", "tile_load", "tile_release", "tile_store", "tile_zero"]

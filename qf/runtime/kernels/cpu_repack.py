@@ -21,10 +21,12 @@ sums in the same order), for any token count: a row depends on its own token onl
 quantizes in one part instead (ggml's Q8_0, as llama.cpp; half the dot products, but a whole-model KLD
 against the f32 path of ~1e-3 per matrix role on SmolLM2, benchmarks/bench_int8_parts.py: not a default).
 
-Where the host has AMX-INT8 (`cpu_amx.available()`), a prefill batch runs each 16-token group of a panel of a
-one-scale type (Q4_0, Q4_1, Q8_0, Q4_K) as tile products (`tdpbsud`: 16 tokens x 16 rows x 32 weights per
-instruction) into the same integer dots, scaled by the same f32 code (cpu_int8.apply1): the same bits as the
-VNNI tiles, which take the remaining tokens. QF_AMX=0 turns it off.
+With QF_AMX=1 where the host has AMX-INT8 (`cpu_amx.enabled()`), a prefill batch runs each 16-token group of
+a panel of a one-scale type (Q4_0, Q4_1, Q8_0, Q4_K) as tile products (`tdpbsud`: 16 tokens x 16 rows x 32
+weights per instruction) into the same integer dots, scaled by the same f32 code (cpu_int8.apply1): the same
+bits as the VNNI tiles, which take the remaining tokens. Opt-in: per matmul (1 thread, SmolLM2 shapes, M = 64
+and 512) it measured +15-20% on a loaded 2-core host, the whole pp512 +4-12% CPU for Q4_0 and nothing
+steady for Q8_0 / Q4_K_M; the per-unit tile store and reload of the results, not the tile products, bound it.
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ def _typeof_stamp(val, c):
     return val._numba_type_
 
 
-AMX = cpu_amx.available()  # prefill tiles of 16 tokens on AMX (tdpbsud) where the host has it
+AMX = cpu_amx.enabled()  # prefill tiles of 16 tokens on AMX (tdpbsud): opt-in, QF_AMX=1
 STAMPS = {1: _Stamp(1, AMX), 2: _Stamp(2, AMX)}  # activation parts -> tag
 STAMP = STAMPS[2]
 
