@@ -64,12 +64,14 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def _load(model_path: Path, n_ctx: int, n_threads: int | None, n_batch: int | None, kv: dict | None = None) -> Model:
     """Load the model through the public runtime API; a chunk is evaluated n_batch tokens per forward
-    call (default: the whole chunk at once, as llama-perplexity's default batch of 2048 does)."""
+    call (default: the whole chunk at once, as llama-perplexity's default batch of 2048 does). No cold-start
+    path: every chunk runs on the compiled kernels, so a fresh install scores as every later run does."""
     from qf.runtime import Model
     n_batch = n_ctx if n_batch is None else n_batch
     if n_batch < 1:
         raise QFError(f"the batch size must be positive, got {n_batch}")
-    return Model.load(model_path, n_ctx=n_ctx, n_threads=n_threads, n_batch=min(n_batch, n_ctx), **(kv or {}))
+    return Model.load(model_path, n_ctx=n_ctx, n_threads=n_threads, n_batch=min(n_batch, n_ctx), cold_start=False,
+                      **(kv or {}))
 
 
 def _model_bos(model: Model) -> int | None:
