@@ -74,7 +74,7 @@ class InputGroup(Protocol):
     x: np.ndarray  # f32 [T, n_in]: the calibration rows' input (upstream weights as set so far)
 
     def hessian(self) -> np.ndarray:
-        """H = 2/T X^T X, f64 [n_in, n_in]: a new array at each call, owned by the caller (GPTQ factorizes it in place)."""
+        """H = 2/T X^T X, f64 [n_in, n_in]: a new array per call, owned by the caller (factorized in place)."""
 
     def channel_stats(self) -> dict[str, np.ndarray]:
         """Per input channel f32 [n_in]: 'mean_abs', 'mean_sq', 'max_abs' (AWQ's statistics)."""
