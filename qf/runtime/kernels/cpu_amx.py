@@ -111,30 +111,24 @@ def tile_zero(typingctx, k):
     return types.none(k), codegen
 
 
-@intrinsic
-def tile_load(typingctx, k, arr, off, stride):
-    """Tile k = its rows from byte off of arr (element off for byte arrays), rows stride bytes apart."""
-    n = _tile(k)
+def _tile_memory(llvm_name: str, doc: str):
+    """An intrinsic (k, arr, off, stride) moving tile k's rows to or from byte off of arr, stride bytes apart."""
+    def tile_op(typingctx, k, arr, off, stride):
+        n = _tile(k)
 
-    def codegen(context, builder, sig, args):
-        p = _byte_ptr(context, builder, sig.args[1], args[1], args[2], sig.args[2])
-        s = context.cast(builder, args[3], sig.args[3], types.int64)
-        _call(builder, "llvm.x86.tileloadd64", [ir.Constant(_I8, n), p, s], [_I8, _P8, _I64])
-        return context.get_dummy_value()
-    return types.none(k, arr, off, stride), codegen
+        def codegen(context, builder, sig, args):
+            p = _byte_ptr(context, builder, sig.args[1], args[1], args[2], sig.args[2])
+            s = context.cast(builder, args[3], sig.args[3], types.int64)
+            _call(builder, llvm_name, [ir.Constant(_I8, n), p, s], [_I8, _P8, _I64])
+            return context.get_dummy_value()
+        return types.none(k, arr, off, stride), codegen
+    tile_op.__doc__ = doc
+    return intrinsic(tile_op)
 
 
-@intrinsic
-def tile_store(typingctx, k, arr, off, stride):
-    """Tile k's rows to byte off of arr, stride bytes apart."""
-    n = _tile(k)
-
-    def codegen(context, builder, sig, args):
-        p = _byte_ptr(context, builder, sig.args[1], args[1], args[2], sig.args[2])
-        s = context.cast(builder, args[3], sig.args[3], types.int64)
-        _call(builder, "llvm.x86.tilestored64", [ir.Constant(_I8, n), p, s], [_I8, _P8, _I64])
-        return context.get_dummy_value()
-    return types.none(k, arr, off, stride), codegen
+tile_load = _tile_memory("llvm.x86.tileloadd64", "Tile k = its rows from byte off of arr (element off for byte "
+                         "arrays), rows stride bytes apart.")
+tile_store = _tile_memory("llvm.x86.tilestored64", "Tile k's rows to byte off of arr, stride bytes apart.")
 
 
 @intrinsic
