@@ -62,8 +62,10 @@ OFFSET_COEF: dict[GGMLType, float] = {GGMLType.Q4_0: -8.0, GGMLType.Q5_0: -16.0,
 HALF_SCALE_TYPES = frozenset({GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0})
 
 # the types a repacking backend repacks: those whose panels take at most about 1.5x the file (the legacy
-# 4- and 8-bit types at 1x, the Q4_K_M mix's Q4_K and Q6_K); repack() itself takes any integer-kernel type
-DEFAULT_TYPES = frozenset({GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K})
+# 4- and 8-bit types at 1x, the Q4_K_M mix's Q4_K 1.33x and Q6_K 1.52x, and Q5_0 1.55x: the Q4_K_M mix's
+# fallback for rows that are not a multiple of 256, most of SmolLM2's matrices; repacked, its decode measured
+# 1.05-1.12x); repack() itself takes any integer-kernel type
+DEFAULT_TYPES = frozenset({GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K})
 
 PREFETCH = 2048  # decode: bytes ahead of the unit being read (as the f32 kernels, cpu_drivers.py)
 SERIAL_TOKENS = 8  # batches of at most this many tokens are quantized in the calling thread (no fork-join)
