@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from qf.format.ggml_types import GGMLType, block_size
-from qf.runtime.kernels import cpu
+from qf.runtime.kernels import cpu, cpu_amx_bf16
 from qf.runtime.kernels.cpu_isimd import ISAS, Isa, _target_features
 from test_kernels_cpu import _quantized, _random_bytes
 
@@ -214,7 +214,9 @@ def test_unknown_instruction_set() -> None:
 
 
 @pytest.mark.skipif(cpu.INT8_MIN_TOKENS is None, reason="no native integer dot product on this host")
-def test_matmul_picks_int8_for_large_batches_only() -> None:
+def test_matmul_picks_int8_for_large_batches_only(monkeypatch) -> None:
+    """Without AMX-BF16 tiles (they take these batches first where the host has them: test_amx_bf16.py)."""
+    monkeypatch.setattr(cpu_amx_bf16, "ENABLED", False)
     rng = np.random.default_rng(5)
     t, n_out, n_in = GGMLType.Q5_0, 40, 96
     w = cpu.QMatrix(t, _quantized(t, n_out, n_in, rng)[0], n_in, n_out)

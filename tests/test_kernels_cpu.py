@@ -15,7 +15,7 @@ import pytest
 
 from qf.format.ggml_types import BLOCK, GGMLType, block_size, row_bytes
 from qf.quant.codecs import get_codec
-from qf.runtime.kernels import cpu
+from qf.runtime.kernels import cpu, cpu_amx_bf16
 
 TYPES = cpu.supported_types()
 FLOATS = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
@@ -173,6 +173,7 @@ def test_matmul_without_blas_falls_back_to_the_fused_kernel(monkeypatch) -> None
     monkeypatch.setattr(cpu_blas, "SGEMM", None)
     monkeypatch.setattr(cpu, "BLAS_MIN_TOKENS", None)
     monkeypatch.setattr(cpu, "INT8_MIN_TOKENS", None)
+    monkeypatch.setattr(cpu_amx_bf16, "ENABLED", False)
     assert np.array_equal(cpu.matmul(m, x), fused)
     assert np.array_equal(cpu.matmul(m, x, blas=True), fused)
 

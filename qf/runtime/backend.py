@@ -238,7 +238,8 @@ class CpuBackend:
         exact_rows: every row's result bit for bit what it would be alone (the fused kernel, never BLAS):
         a decode step of several sequences gives each the logits it would get alone.
         """
-        r = self._packed_of(w)
+        tiles = not exact_rows and kernels.tiles_bf16(w, x.shape[0])  # AMX prefill reads the mmap
+        r = None if tiles else self._packed_of(w)
         if r is not None:
             y = cpu_repack.matmul(r, x)  # rows depend on their own token only: exact_rows holds
         elif isinstance(w, cpu_payload.PayloadMatrix):
@@ -258,8 +259,9 @@ class CpuBackend:
         """[linear(w, x, b) for w, b in zip(ws, biases)] for weights that read the same rows x: a prefill batch
         quantizes x once and runs the weights of one type in one parallel call (kernels.matmul_many); each
         result is what `linear` gives, bit for bit."""
-        merged = self._merged.get(tuple(ws)) if self.repack else None
-        if merged is None and self.repack:
+        repack = self.repack and (exact_rows or not all(kernels.tiles_bf16(w, x.shape[0]) for w in ws))
+        merged = self._merged.get(tuple(ws)) if repack else None
+        if merged is None and repack:
             packed = [self._packed_of(w) for w in ws]
             if all(r is not None for r in packed) and len({r.n_in for r in packed}) == 1:
                 merged = self._merged[tuple(ws)] = cpu_repack.MergedCall(packed)

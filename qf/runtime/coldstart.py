@@ -261,7 +261,7 @@ def main(argv: list[str]) -> None:
                     precompile=False) as model:
         compile_matvec(model)  # before the integer compile processes start: nothing here waits for them
         Path(matvec_marker).touch()
-        if cpu.INT8_MIN_TOKENS is not None:
+        if cpu.int8_prefill():
             cpu.precompile_background({ti.type for ti in model._file.tensors.values()})
         compile_decode(model)
         Path(decode_marker).touch()

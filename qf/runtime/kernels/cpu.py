@@ -37,7 +37,7 @@ import numpy as np
 
 from qf.format.errors import QFError
 from qf.format.ggml_types import GGMLType, block_size, row_bytes
-from qf.runtime.kernels import cpu_blas, cpu_int8, cpu_iq_dot
+from qf.runtime.kernels import cpu_amx_bf16, cpu_blas, cpu_int8, cpu_iq_dot
 from qf.runtime.kernels.cpu_drivers import (_STAMP, DECODERS, Kind, matmul_items, matmul_kernel, matmul_tiles_kernel,
                                             matvec_kernel, rows_kernel, tile_rows)
 from qf.runtime.kernels.cpu_idecode import IDECODERS
@@ -189,6 +189,9 @@ def matmul(w: QMatrix, x: np.ndarray, out: np.ndarray | None = None, *, blas: bo
     n_tok = x.shape[0]
     if not n_tok:
         return y
+    if int8 is None and blas is None and tiles_bf16(w, n_tok) and y.flags.c_contiguous:
+        _matmul_bf16_call((w,), cpu_amx_bf16.split(x), n_tok, (y,))
+        return y
     if int8 is None:
         int8 = blas is None and INT8_MIN_TOKENS is not None and n_tok >= INT8_MIN_TOKENS and w.type in IDECODERS
     if int8:
@@ -204,6 +207,29 @@ def matmul(w: QMatrix, x: np.ndarray, out: np.ndarray | None = None, *, blas: bo
     else:
         matmul_kernel(w.kind, w.data, x, y, matmul_items(w.n_out, n_threads))
     return y
+
+
+def tiles_bf16(w: object, n_tok: int) -> bool:
+    """Whether matmul runs w (a QMatrix) with n_tok tokens on the AMX-BF16 tiles (cpu_amx_bf16.py): hosts with
+    them, batches from its MIN_TOKENS, every type but F32 (whose BLAS product is exact)."""
+    return isinstance(w, QMatrix) and w.type != GGMLType.F32 and cpu_amx_bf16.usable(w.n_in, n_tok)
+
+
+def int8_prefill() -> bool:
+    """Whether prefill batches of quantized weights run on the integer path (a native integer dot, no AMX-BF16
+    tiles): what makes precompiling its kernels worthwhile."""
+    return INT8_MIN_TOKENS is not None and not cpu_amx_bf16.ENABLED
+
+
+def _matmul_bf16_call(ws: tuple[QMatrix, ...], halves: tuple[np.ndarray, np.ndarray], n_tok: int,
+                      ys: tuple[np.ndarray, ...]) -> None:
+    """ys[i] = x @ ws[i].T for 1-3 weights of one type on the bf16 tiles, x given as its split halves."""
+    w = ws[0]
+    n_panels = sum(-(-v.n_out // cpu_amx_bf16.PANEL) for v in ws)
+    n_items = max(1, min(numba.get_num_threads(), -(-n_panels // 2)))
+    d = [v.data for v in ws] + [w.data[:0]] * (3 - len(ws))
+    o = list(ys) + [np.empty((n_tok, 0), _F32)] * (3 - len(ys))
+    cpu_amx_bf16.matmul_kernel(w.kind, d[0], d[1], d[2], halves[0], halves[1], n_tok, o[0], o[1], o[2], n_items)
 
 
 def int8_types() -> list[GGMLType]:
@@ -307,19 +333,27 @@ def matmul_many(ws: Sequence[QMatrix], x: np.ndarray) -> list[np.ndarray]:
         return []
     x = _activations(x, ws[0].n_in, 2)
     n_tok = x.shape[0]
+    tiles = [i for i, w in enumerate(ws) if tiles_bf16(w, n_tok) and w.n_in == x.shape[1]]
     ints = [i for i, w in enumerate(ws) if INT8_MIN_TOKENS is not None and n_tok >= INT8_MIN_TOKENS
-            and w.type in IDECODERS and w.n_in == x.shape[1]]
-    ys = [np.empty((n_tok, w.n_out), _F32) if i in ints else matmul(w, x) for i, w in enumerate(ws)]
+            and w.type in IDECODERS and w.n_in == x.shape[1] and i not in tiles]
+    ys = [np.empty((n_tok, w.n_out), _F32) if i in ints or i in tiles else matmul(w, x) for i, w in enumerate(ws)]
+    if tiles:
+        halves = cpu_amx_bf16.split(x)
+        for part in _by_type(ws, tiles):
+            _matmul_bf16_call(tuple(ws[i] for i in part), halves, n_tok, tuple(ys[i] for i in part))
     if ints:
         xq = quantize_q8(x)
-        by_type: dict[GGMLType, list[int]] = {}
-        for i in ints:
-            by_type.setdefault(ws[i].type, []).append(i)
-        for idx in by_type.values():
-            for k in range(0, len(idx), 3):
-                part = idx[k:k + 3]
-                _matmul_q8_call(tuple(ws[i] for i in part), xq, tuple(ys[i] for i in part), ISA)
+        for part in _by_type(ws, ints):
+            _matmul_q8_call(tuple(ws[i] for i in part), xq, tuple(ys[i] for i in part), ISA)
     return ys
+
+
+def _by_type(ws: Sequence[QMatrix], idx: Sequence[int]) -> list[list[int]]:
+    """The indices idx of ws grouped by weight type, at most three per group (one parallel call each)."""
+    by_type: dict[GGMLType, list[int]] = {}
+    for i in idx:
+        by_type.setdefault(ws[i].type, []).append(i)
+    return [v[k:k + 3] for v in by_type.values() for k in range(0, len(v), 3)]
 
 
 def precompile(types: Iterable[GGMLType | int | str], parts: int | None = None) -> list[GGMLType]:
@@ -469,6 +503,6 @@ def get_threads() -> int:
     return numba.get_num_threads()
 
 
-__all__ = ["KernelError", "Q8Activations", "QMatrix", "get_rows", "get_threads", "int8_types", "matmul",
+__all__ = ["KernelError", "Q8Activations", "QMatrix", "get_rows", "get_threads", "int8_prefill", "int8_types", "matmul",
            "matmul_many", "matmul_q8", "matvec", "precompile", "precompile_async", "precompile_background",
-           "quantize_q8", "set_threads", "supported_types", "unpack_int8", "wait_precompiled"]
+           "quantize_q8", "set_threads", "supported_types", "tiles_bf16", "unpack_int8", "wait_precompiled"]

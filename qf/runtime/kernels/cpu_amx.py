@@ -40,20 +40,37 @@ def enabled() -> bool:
     return os.environ.get("QF_AMX", "0") == "1" and supported()
 
 
-@lru_cache(maxsize=None)
 def supported() -> bool:
     """Whether AMX-INT8 tiles can be used here: CPU flags, numba's LLVM target and the kernel's permission
     (asked for once)."""
+    return _usable("int8")
+
+
+def supported_bf16() -> bool:
+    """Whether AMX-BF16 tiles (tdpbf16ps) can be used here, as `supported()` asks for AMX-INT8."""
+    return _usable("bf16")
+
+
+@lru_cache(maxsize=None)
+def _usable(unit: str) -> bool:
+    """Whether the tile unit `unit` ("int8" or "bf16") can be used: CPU flags, numba's LLVM target and the
+    kernel's permission (asked for once per process)."""
     from qf.runtime.kernels.cpu_isimd import _target_features
 
-    if not {"amx-int8", "amx-tile"} <= _target_features():
+    if not {f"amx-{unit}", "amx-tile"} <= _target_features():
         return False
     try:
         flags = open("/proc/cpuinfo").read()
     except OSError:
         return False
-    if " amx_int8" not in flags or " amx_tile" not in flags:
+    if f" amx_{unit}" not in flags or " amx_tile" not in flags:
         return False
+    return _permission()
+
+
+@lru_cache(maxsize=None)
+def _permission() -> bool:
+    """Ask Linux once for the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM); whether it was granted."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         return libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0
@@ -131,15 +148,24 @@ tile_load = _tile_memory("llvm.x86.tileloadd64", "Tile k = its rows from byte of
 tile_store = _tile_memory("llvm.x86.tilestored64", "Tile k's rows to byte off of arr, stride bytes apart.")
 
 
-@intrinsic
-def tile_dot(typingctx, c, a, b):
-    """Tile c += a (s8 [16 x K]) . b (u8 [K/4 x 64], 4 bytes per column per row): tdpbsud."""
-    nc, na, nb = _tile(c), _tile(a), _tile(b)
+def _tile_product(llvm_name: str, doc: str):
+    """An intrinsic (c, a, b): the tile product `llvm_name` adding a . b to tile c (all tile literals)."""
+    def tile_op(typingctx, c, a, b):
+        nc, na, nb = _tile(c), _tile(a), _tile(b)
 
-    def codegen(context, builder, sig, args):
-        _call(builder, "llvm.x86.tdpbsud", [ir.Constant(_I8, v) for v in (nc, na, nb)], [_I8, _I8, _I8])
-        return context.get_dummy_value()
-    return types.none(c, a, b), codegen
+        def codegen(context, builder, sig, args):
+            _call(builder, llvm_name, [ir.Constant(_I8, v) for v in (nc, na, nb)], [_I8, _I8, _I8])
+            return context.get_dummy_value()
+        return types.none(c, a, b), codegen
+    tile_op.__doc__ = doc
+    return intrinsic(tile_op)
 
 
-__all__ = ["enabled", "supported", "tile_config", "tile_dot", "tile_load", "tile_release", "tile_store", "tile_zero"]
+tile_dot = _tile_product("llvm.x86.tdpbsud", "Tile c += a (s8 [16 x K]) . b (u8 [K/4 x 64], 4 bytes per column "
+                         "per row): tdpbsud.")
+tile_dot_bf16 = _tile_product("llvm.x86.tdpbf16ps", "Tile c (f32 [16 x 16]) += a (bf16 [16 x K]) . b (bf16 "
+                              "[K/2 x 64 bytes], a pair of consecutive K per column per row): tdpbf16ps.")
+
+
+__all__ = ["enabled", "supported", "supported_bf16", "tile_config", "tile_dot", "tile_dot_bf16", "tile_load",
+           "tile_release", "tile_store", "tile_zero"]

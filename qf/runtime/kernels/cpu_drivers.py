@@ -241,7 +241,7 @@ def matmul_items(n_out: int, n_threads: int) -> int:
 
 
 @njit(inline="always", fastmath=FASTMATH, cache=True)
-def _decode_row(kind, row, dst):
+def decode_row(kind, row, dst):
     """dst[:] = the dequantized packed row; dst: [n_in]."""
     n_in = dst.shape[0]
     upb = units_per_block(kind)
@@ -262,7 +262,7 @@ def rows_kernel(kind, w, ids, out):
     """out[k] = dequantized row ids[k] of w; ids: [k] (in range), out: [k, n_in]. Serial: a prompt's rows
     take microseconds, and a parallel loop costs a fresh install ~0.4 s of compiling."""
     for k in range(ids.shape[0]):
-        _decode_row(kind, w[ids[k]], out[k])
+        decode_row(kind, w[ids[k]], out[k])
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -282,6 +282,6 @@ def matmul_tiles_kernel(kind, w, x, out, scratch, sgemm_fn):
         for r0 in range(c * size, end, tile):
             r1 = min(end, r0 + tile)
             for r in range(r0, r1):
-                _decode_row(kind, w[r], s[r - r0])
+                decode_row(kind, w[r], s[r - r0])
             sgemm(sgemm_fn, n_tok, r1 - r0, n_in, x.ctypes.data, n_in, s.ctypes.data, n_in,
                   out.ctypes.data + 4 * r0, n_out)
