@@ -136,12 +136,14 @@ def test_repacking_backend_prefills_on_the_tiles() -> None:
     data, w = _quantized(GGMLType.Q4_0, 64, 128, rng)
     m = cpu.QMatrix(GGMLType.Q4_0, data, 128, 64)
     be = CpuBackend(2, repack=True)
-    x = rng.standard_normal((40, 128)).astype(np.float32)
+    x = rng.standard_normal((cpu_amx_bf16.MIN_TOKENS_REPACKED, 128)).astype(np.float32)
     assert np.array_equal(be.linear(m, x), _tiles(m, x))
     assert np.array_equal(be.linears([m, m], x, [None, None])[1], _tiles(m, x))
-    one = be.linear(m, x[:1])  # a decode step: the repacked panels, built on first use
+    assert be.repacked_bytes == 0  # nothing repacked yet
+    shorter = x[:cpu_amx_bf16.MIN_TOKENS_REPACKED - 1]  # the repacked panels win below: built on first use
+    assert not np.array_equal(be.linear(m, shorter), _tiles(m, shorter))
     assert be.repacked_bytes > 0
-    assert np.allclose(one, x[:1] @ w.T, rtol=1e-3, atol=1e-3)
+    assert np.allclose(be.linear(m, x[:1]), x[:1] @ w.T, rtol=1e-3, atol=1e-3)  # a decode step: the panels
 
 
 SMOLLM2_Q4_K_M = Path.home() / ".cache" / "qf" / "bench" / "smollm2-135m-q4_k_m.qf"
@@ -153,18 +155,19 @@ def test_whole_model_kld_against_the_f32_path() -> None:
     from qf.runtime import Model
     from qf.runtime.backend import CpuBackend
 
-    ids = list(np.random.default_rng(9).integers(100, 40000, 48))
+    ids = list(np.random.default_rng(9).integers(100, 40000, cpu_amx_bf16.MIN_TOKENS + 16))
 
     def logp(a: np.ndarray) -> np.ndarray:
         a = a.astype(np.float64)
         a -= a.max(axis=-1, keepdims=True)
         return a - np.log(np.exp(a).sum(axis=-1, keepdims=True))
 
-    with Model.load(SMOLLM2_Q4_K_M, n_ctx=64, n_threads=2, cpu_backend=CpuBackend(2)) as model:
+    with Model.load(SMOLLM2_Q4_K_M, n_ctx=128, n_threads=2, cpu_backend=CpuBackend(2)) as model:
         eng = model.engine
         eng.cache.clear()
         ref = logp(np.stack([eng.step(int(t)) for t in ids]))
         got = logp(model.logits(ids))
     kld = float(np.mean(np.sum(np.exp(ref) * (ref - got), axis=-1)))
+    print(f"KLD of the tiles' prefill against f32 decode steps: {kld:.3g}")
     assert kld <= 1e-6, kld
     assert np.array_equal(np.argmax(got, -1), np.argmax(ref, -1))

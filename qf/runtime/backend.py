@@ -190,6 +190,12 @@ class CpuBackend:
                     r = self._packed[w] = cpu_repack.repack(w)
         return r
 
+    def _tiles(self, w: Any, n_tok: int) -> bool:
+        """Whether a product of w with n_tok tokens runs on the AMX-BF16 tiles (reading the mmap) rather than on
+        w's repacked panels or the other matmul paths."""
+        repacked = self.repack and isinstance(w, kernels.QMatrix) and w.type in cpu_repack.DEFAULT_TYPES
+        return kernels.tiles_bf16(w, n_tok, repacked)
+
     def matrix(self, t: WeightRef) -> Any:
         """Wrap the mapped bytes of a 2-D weight in a kernel matrix (never copied); a payload weight gets its
         scheme's kernel (kernels/cpu_payload.py)."""
@@ -238,8 +244,7 @@ class CpuBackend:
         exact_rows: every row's result bit for bit what it would be alone (the fused kernel, never BLAS):
         a decode step of several sequences gives each the logits it would get alone.
         """
-        tiles = not exact_rows and kernels.tiles_bf16(w, x.shape[0])  # AMX prefill reads the mmap
-        r = None if tiles else self._packed_of(w)
+        r = None if not exact_rows and self._tiles(w, x.shape[0]) else self._packed_of(w)
         if r is not None:
             y = cpu_repack.matmul(r, x)  # rows depend on their own token only: exact_rows holds
         elif isinstance(w, cpu_payload.PayloadMatrix):
@@ -259,7 +264,7 @@ class CpuBackend:
         """[linear(w, x, b) for w, b in zip(ws, biases)] for weights that read the same rows x: a prefill batch
         quantizes x once and runs the weights of one type in one parallel call (kernels.matmul_many); each
         result is what `linear` gives, bit for bit."""
-        repack = self.repack and (exact_rows or not all(kernels.tiles_bf16(w, x.shape[0]) for w in ws))
+        repack = self.repack and (exact_rows or not all(self._tiles(w, x.shape[0]) for w in ws))
         merged = self._merged.get(tuple(ws)) if repack else None
         if merged is None and repack:
             packed = [self._packed_of(w) for w in ws]

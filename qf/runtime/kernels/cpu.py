@@ -209,10 +209,11 @@ def matmul(w: QMatrix, x: np.ndarray, out: np.ndarray | None = None, *, blas: bo
     return y
 
 
-def tiles_bf16(w: object, n_tok: int) -> bool:
+def tiles_bf16(w: object, n_tok: int, repacked: bool = False) -> bool:
     """Whether matmul runs w (a QMatrix) with n_tok tokens on the AMX-BF16 tiles (cpu_amx_bf16.py): hosts with
-    them, batches from its MIN_TOKENS, every type but F32 (whose BLAS product is exact)."""
-    return isinstance(w, QMatrix) and w.type != GGMLType.F32 and cpu_amx_bf16.usable(w.n_in, n_tok)
+    them, batches from its MIN_TOKENS (repacked: w also has integer panels, MIN_TOKENS_REPACKED), every type
+    but F32 (whose BLAS product is exact)."""
+    return isinstance(w, QMatrix) and w.type != GGMLType.F32 and cpu_amx_bf16.usable(w.n_in, n_tok, repacked)
 
 
 def int8_prefill() -> bool:

@@ -14,7 +14,7 @@ by the type's decoder (cpu_drivers: every type the f32 kernels read) and split i
 f32 result tiles, ten tile loads per twelve tile products (loads, ~16 ns per KiB on the host measured, bound
 the loop), results stored straight into the output.
 
-Used for prompt batches from MIN_TOKENS tokens where `cpu_amx.supported_bf16()` (Sapphire Rapids and later)
+Used for prompt batches from MIN_TOKENS tokens (MIN_TOKENS_REPACKED for repacked weights) where `cpu_amx.supported_bf16()` (Sapphire Rapids and later)
 unless QF_AMX=0. Results are not the integer path's bits: they are closer to the f32 path.
 """
 
@@ -29,14 +29,20 @@ from numba.extending import intrinsic
 
 from qf.runtime.kernels import cpu_amx
 from qf.runtime.kernels.cpu_amx import tile_config, tile_dot_bf16, tile_load, tile_release, tile_store, tile_zero
-from qf.runtime.kernels.cpu_decoder import FASTMATH
-from qf.runtime.kernels.cpu_drivers import decode_row
+from qf.runtime.kernels.cpu_decoder import FASTMATH, UNIT
+from qf.runtime.kernels.cpu_drivers import head, unit, units_per_block
 from qf.runtime.kernels.cpu_isimd import panel_transpose
+from qf.runtime.kernels.cpu_simd import vload
 
 GROUP = 16  # tokens per tile (A and C rows)
 PANEL = 16  # weight rows per tile (C columns)
 STEP = 32  # inputs per tile product (16 bf16 pairs: 64 bytes per row)
-MIN_TOKENS = 16  # batches from this many tokens use the tiles
+# batches from this many tokens use the tiles: each call decodes and splits its weights' panels (~0.26 ns per
+# weight per thread) and then loads ~10 tiles per 32 tokens x 32 rows x 32 inputs; on SmolLM2's shapes (2
+# threads) they overtake the integer path from ~56 tokens and the repacked panels (decoded once, at load) from
+# ~128 (tied there, 2.2x at 512)
+MIN_TOKENS = 64
+MIN_TOKENS_REPACKED = 128
 CHUNK_STEPS = 64  # steps (2048 inputs) per chunk: a pair of 16-token groups and of panels take 512 KiB of L2
 
 
@@ -46,45 +52,40 @@ def enabled() -> bool:
     return os.environ.get("QF_AMX", "") != "0" and cpu_amx.supported_bf16()
 
 
-def usable(n_in: int, n_tok: int) -> bool:
-    """Whether a product of n_tok tokens with n_in inputs runs on the tiles (n_in: whole tile steps)."""
-    return n_tok >= MIN_TOKENS and n_in % STEP == 0 and ENABLED
+def usable(n_in: int, n_tok: int, repacked: bool = False) -> bool:
+    """Whether a product of n_tok tokens with n_in inputs (whole tile steps) runs on the tiles; repacked: the
+    weight also has repacked integer panels (cpu_repack.py), which the tiles beat only on longer batches."""
+    return n_tok >= (MIN_TOKENS_REPACKED if repacked else MIN_TOKENS) and n_in % STEP == 0 and ENABLED
 
 
 @intrinsic
-def halves16(typingctx, f, i, hi, lo, o):
-    """The bf16 halves of f[i : i + 16] (f32) into hi[o : o + 16], lo[o : o + 16] (u16): hi = each value rounded
-    to the nearest bf16, lo = the value - hi (exact in f32) rounded likewise (ties to even; NaN and infinities
-    are not kept apart: a product with one is not finite either way)."""
+def halves16(typingctx, v, hi, lo, o):
+    """The bf16 halves of the 16 f32 lanes of v into hi[o : o + 16], lo[o : o + 16] (u16): hi = each value
+    rounded to the nearest bf16, lo = the value - hi (exact in f32) rounded likewise (ties to even; NaN and
+    infinities are not kept apart: a product with one is not finite either way)."""
     def codegen(context, builder, sig, args):
         v16i32 = ir.VectorType(ir.IntType(32), 16)
         v16i16 = ir.VectorType(ir.IntType(16), 16)
         v16f32 = ir.VectorType(ir.FloatType(), 16)
 
-        def ptr(k, idx, llty):
+        def ptr(k):
             a = context.make_array(sig.args[k])(context, builder, args[k])
-            j = context.cast(builder, args[idx], sig.args[idx], types.intp)
-            return builder.bitcast(builder.gep(a.data, [j]), llty.as_pointer())
+            j = context.cast(builder, args[3], sig.args[3], types.intp)
+            return builder.bitcast(builder.gep(a.data, [j]), v16i16.as_pointer())
 
         def splat(c):
             return ir.Constant(v16i32, [c] * 16)
+
         def nearest(u):  # f32 bits u -> the nearest bf16's bits, in the top half (ties to even)
             odd = builder.and_(builder.lshr(u, splat(16)), splat(1))
             return builder.and_(builder.add(builder.add(u, splat(0x7FFF)), odd), splat(0xFFFF0000))
-        x = builder.load(ptr(0, 1, v16f32), align=4)
+        x = args[0]
         h = nearest(builder.bitcast(x, v16i32))
         r = nearest(builder.bitcast(builder.fsub(x, builder.bitcast(h, v16f32)), v16i32))
-        builder.store(builder.trunc(builder.lshr(h, splat(16)), v16i16), ptr(2, 4, v16i16), align=2)
-        builder.store(builder.trunc(builder.lshr(r, splat(16)), v16i16), ptr(3, 4, v16i16), align=2)
+        builder.store(builder.trunc(builder.lshr(h, splat(16)), v16i16), ptr(1), align=2)
+        builder.store(builder.trunc(builder.lshr(r, splat(16)), v16i16), ptr(2), align=2)
         return context.get_dummy_value()
-    return types.none(f, i, hi, lo, o), codegen
-
-
-@njit(inline="always", fastmath=FASTMATH, cache=True)
-def _halves(f, hi, lo, o, stride):
-    """The bf16 halves (halves16) of f f32 [n] into hi, lo u16 at o + (i // 16) * stride + i % 16."""
-    for c in range(f.shape[0] // 16):
-        halves16(f, 16 * c, hi, lo, o + stride * c)
+    return types.none(v, hi, lo, o), codegen
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -93,29 +94,38 @@ def split_kernel(x, ah, al):
     m, n_in = x.shape
     for t in prange(ah.shape[0]):
         if t < m:
-            _halves(x[t], ah[t], al[t], 0, 16)
+            for i in range(0, n_in, 16):
+                halves16(vload(x[t], i), ah[t], al[t], i)
         else:
             ah[t, :] = 0
             al[t, :] = 0
 
 
 @njit(inline="always", fastmath=FASTMATH, cache=True)
-def _build_panel(kind, w, r0, rows, f, bh, bl):
+def _build_panel(kind, w, r0, rows, bh, bl):
     """Weight rows r0 .. r0 + rows - 1 (rows <= 16) as B operands: bh/bl u8 [32 n_in] holding, for each pair of
-    inputs 2i, 2i + 1, the bf16 halves of both for the 16 rows (zeros past `rows`) in 64 bytes at 64 i; f:
-    f32 [n_in] scratch. Each row's halves go to 16-value chunks [16 rows x 32 bytes], then transposed in place."""
-    n_in = f.shape[0]
+    inputs 2i, 2i + 1, the bf16 halves of both for the 16 rows (zeros past `rows`) in 64 bytes at 64 i. Each
+    row is decoded unit by unit (32 values in registers) into 16-value chunks [16 rows x 32 bytes], which are
+    then transposed in place."""
+    n_in = bh.shape[0] // 32
     h16 = bh.view(np.uint16)
     l16 = bl.view(np.uint16)
+    upb = units_per_block(kind)
     for n in range(PANEL):
         if n < rows:
-            decode_row(kind, w[r0 + n], f)
-            _halves(f, h16, l16, 16 * n, 256)
+            row = w[r0 + n]
+            for b in range(n_in // (UNIT * upb)):
+                h = head(kind, row, b)
+                for j in range(upb):
+                    v0, v1 = unit(kind, row, b, j, h)
+                    o = 512 * (b * upb + j) + 16 * n  # chunk 2 (b upb + j): u16 offset 256 per chunk
+                    halves16(v0, h16, l16, o)
+                    halves16(v1, h16, l16, o + 256)
         else:
             for c in range(n_in // 16):
-                for j in range(16):
-                    h16[256 * c + 16 * n + j] = 0
-                    l16[256 * c + 16 * n + j] = 0
+                for k in range(16):
+                    h16[256 * c + 16 * n + k] = 0
+                    l16[256 * c + 16 * n + k] = 0
     for c in range(n_in // 16):
         panel_transpose(bh, 512 * c)
         panel_transpose(bl, 512 * c)
@@ -248,7 +258,6 @@ def _panels(kind, w0, w1, w2, ah, al, m, out0, out1, out2, p0, p1):
     q0 = (w0.shape[0] + PANEL - 1) // PANEL
     q1 = (w1.shape[0] + PANEL - 1) // PANEL
     b = np.empty((2, 2, 32 * n_in), np.uint8)
-    f = np.empty(n_in, np.float32)
     cbuf = np.empty(GROUP * PANEL, np.float32)
     cacc = np.empty((ah.shape[0] * 32) if n_in > STEP * CHUNK_STEPS else 0, np.float32)
     tile_config(_config())
@@ -257,7 +266,7 @@ def _panels(kind, w0, w1, w2, ah, al, m, out0, out1, out2, p0, p1):
         for j in range(2):
             q = p + j
             if q >= p1:
-                _build_panel(kind, w0, 0, 0, f, b[j, 0], b[j, 1])
+                _build_panel(kind, w0, 0, 0, b[j, 0], b[j, 1])
                 outs.append((out0, 0, 0))
                 continue
             if q < q0:
@@ -267,7 +276,7 @@ def _panels(kind, w0, w1, w2, ah, al, m, out0, out1, out2, p0, p1):
             else:
                 w, out, r0 = w2, out2, PANEL * (q - q0 - q1)
             rows = min(PANEL, w.shape[0] - r0)
-            _build_panel(kind, w, r0, rows, f, b[j, 0], b[j, 1])
+            _build_panel(kind, w, r0, rows, b[j, 0], b[j, 1])
             outs.append((out, r0, rows))
         out_a, ra, rows_a = outs[0]
         out_b, rb, rows_b = outs[1]

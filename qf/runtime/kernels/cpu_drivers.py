@@ -32,8 +32,9 @@ TILE_ROWS = 128  # ... and at most this many rows (measured: 64-128 best on Smol
 cpu_registry.load()
 DECODERS: dict[GGMLType, Decoder] = cpu_registry.DECODERS
 
-# Hash of the decoder sources and everything they (and these drivers) inline: part of every kind's type name.
-_STAMP = cpu_registry.source_stamp(extra=("cpu_drivers",))
+# Hash of the decoder sources and everything they, these drivers and the AMX tile products (cpu_amx_bf16.py, whose
+# kernels take a kind too) inline: part of every kind's type name.
+_STAMP = cpu_registry.source_stamp(extra=("cpu_drivers", "cpu_amx_bf16"))
 
 
 class KindType(types.Type):
