@@ -15,6 +15,9 @@ The table gives each side's median tokens/s and the median of the per-round rati
 --base-env VAR=VALUE instead makes the third side this tree under those variables (e.g. --repack --base-env
 QF_AMX=0: AMX tiles against VNNI only, in the same rounds).
 
+--llama-alt LLAMA_BENCH adds another llama.cpp build as a side of its own (e.g. one with GGML_AMX_INT8=ON, whose
+AMX backend repacks Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K for tile products), with its own ratio column.
+
 --qf-base DIR adds a third side in every round: qbench run from another qf source tree (e.g. `git archive
 <commit> | tar -x -C DIR`, imported first through PYTHONPATH), so a change is measured against its baseline
 and llama.cpp under the same load. Each round prints the 1-minute load average (a shared machine's load
@@ -75,6 +78,8 @@ def main() -> None:
     ap.add_argument("-n", "--n-gen", type=int, default=128)
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--llama-alt", type=Path, help="also this llama-bench every round (another build of llama.cpp, "
+                    "e.g. with its AMX backend), with its own ratio column")
     ap.add_argument("--qf-base", type=Path, help="also qbench from this qf source tree (a baseline), every round")
     ap.add_argument("--repack", action="store_true",
                     help="run our side as `qbench --repack` (llama-bench repacks by default; the baseline never does: "
@@ -94,7 +99,11 @@ def main() -> None:
         sys.exit(f"no qf source tree at {args.qf_base}")
     models = {f"SmolLM2 {t.strip()}": model_file(t.strip()) for t in args.types.split(",") if t.strip()}
     models.update({Path(g).name: Path(g) for g in args.gguf})
+    if args.llama_alt is not None and not args.llama_alt.is_file():
+        sys.exit(f"no llama-bench at {args.llama_alt}")
     sides = {"llama.cpp": lambda p: llama_bench(args.llama_bench, p, args.n_prompt, args.n_gen, args.threads)}
+    if args.llama_alt is not None:
+        sides["llama.cpp alt"] = lambda p: llama_bench(args.llama_alt, p, args.n_prompt, args.n_gen, args.threads)
     if args.qf_base is not None:
         sides["qf base"] = lambda p: qbench(p, args.n_prompt, args.n_gen, args.threads, args.qf_base)
     elif base_env:
@@ -112,9 +121,11 @@ def main() -> None:
     print(f"\n{args.rounds} alternated rounds, {args.threads} threads; load average at the end "
           f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
     base = args.qf_base is not None or bool(base_env)
+    alt = args.llama_alt is not None
     print("| model | test | llama.cpp t/s |" + (" qf base t/s |" if base else "") + " qf t/s | qf / llama.cpp (median of "
-          "rounds) | min - max |" + (" qf base / llama.cpp | qf / qf base |" if base else "") + "\n"
-          "|---|---|---|---|---|---|" + ("---|---|---|" if base else ""))
+          "rounds) | min - max |" + (" qf base / llama.cpp | qf / qf base |" if base else "")
+          + (" llama.cpp alt t/s | qf / llama.cpp alt |" if alt else "") + "\n"
+          "|---|---|---|---|---|---|" + ("---|---|---|" if base else "") + ("---|---|" if alt else ""))
     for name in models:
         for test in (f"pp{args.n_prompt}", f"tg{args.n_gen}"):
             a, b = runs.get((name, test, "llama.cpp"), []), runs.get((name, test, "qf"), [])
@@ -129,6 +140,9 @@ def main() -> None:
             if base:
                 row += (f" {statistics.median([y / x for x, y in zip(a, c)]):.2f}x |"
                         f" {statistics.median([y / x for x, y in zip(c, b)]):.2f}x |")
+            if alt:
+                d = runs[(name, test, "llama.cpp alt")]
+                row += f" {statistics.median(d):.1f} | {statistics.median([y / x for x, y in zip(d, b)]):.2f}x |"
             print(row, flush=True)
 
 

@@ -19,6 +19,7 @@ from qf.format.ggml_types import GGMLType
 from qf.runtime.kernels import cpu as kernels
 from qf.runtime.kernels import cpu_attention as attn
 from qf.runtime.kernels import cold, cpu_blas, cpu_payload, cpu_repack
+from qf.runtime.kernels.cpu_simd import vadd, vdiv, vexp, vfma, vload, vmul, vsplat, vstore
 from qf.runtime.kv_cache import KVSpec, LayerKV, hadamard
 from qf.runtime.weights import PayloadRef, TensorRef, WeightRef
 
@@ -113,27 +114,45 @@ FLASH_MIN_ROWS = 16  # rows of one sequence's chunk from which attention runs ti
 
 
 @numba.njit(cache=True, fastmath=True, error_model="numpy")
+def _silu_mul(g: float, z: float, u: float) -> float:
+    """g * sigmoid(z) * u for one element (the tails of the vector loops)."""
+    return g / (np.float32(1.0) + np.exp(-z)) * u
+
+
+@numba.njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
 def _swiglu(gate: np.ndarray, up: np.ndarray) -> None:
-    """gate = silu(gate) * up in place; both [M, n]."""
-    for m in range(gate.shape[0]):
-        for i in range(gate.shape[1]):
-            g = gate[m, i]
-            gate[m, i] = g / (np.float32(1.0) + np.exp(-g)) * up[m, i]
+    """gate = silu(gate) * up in place; both [M, n]: rows in parallel, 16 lanes at a time (vexp)."""
+    n = gate.shape[1]
+    one = vsplat(1.0)
+    for m in numba.prange(gate.shape[0]):
+        g_row, u_row = gate[m], up[m]
+        for i in range(0, n - n % 16, 16):
+            g = vload(g_row, i)
+            vstore(g_row, i, vmul(vdiv(g, vadd(one, vexp(vmul(g, vsplat(-1.0))))), vload(u_row, i)))
+        for i in range(n - n % 16, n):
+            g_row[i] = _silu_mul(g_row[i], g_row[i], u_row[i])
 
 
 GELU_C = math.sqrt(2.0 / math.pi)  # tanh approximation of GELU (ggml_gelu, torch approximate="tanh")
 GELU_A = 0.044715
 
 
-@numba.njit(cache=True, fastmath=True, error_model="numpy")
+@numba.njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
 def _geglu(gate: np.ndarray, up: np.ndarray) -> None:
-    """gate = gelu_tanh(gate) * up in place; both [M, n]."""
-    c, a = np.float32(GELU_C), np.float32(GELU_A)
-    for m in range(gate.shape[0]):
-        for i in range(gate.shape[1]):
-            g = gate[m, i]
-            t = np.tanh(c * g * (np.float32(1.0) + a * g * g))
-            gate[m, i] = np.float32(0.5) * g * (np.float32(1.0) + t) * up[m, i]
+    """gate = gelu_tanh(gate) * up in place; both [M, n]. gelu_tanh(g) = 0.5 g (1 + tanh(u)) = g sigmoid(2u),
+    u = c g (1 + a g^2): rows in parallel, 16 lanes at a time (vexp)."""
+    n = gate.shape[1]
+    c2, a = np.float32(-2.0 * GELU_C), np.float32(GELU_A)
+    one = vsplat(1.0)
+    for m in numba.prange(gate.shape[0]):
+        g_row, u_row = gate[m], up[m]
+        for i in range(0, n - n % 16, 16):
+            g = vload(g_row, i)
+            z = vmul(vmul(vsplat(c2), g), vfma(vmul(vsplat(a), g), g, one))  # -2u
+            vstore(g_row, i, vmul(vdiv(g, vadd(one, vexp(z))), vload(u_row, i)))
+        for i in range(n - n % 16, n):
+            g = g_row[i]
+            g_row[i] = _silu_mul(g, -c2 * g * (np.float32(1.0) + a * g * g), u_row[i])
 
 
 def linears(be: Backend, ws: Sequence[Any], x: Any, biases: Sequence[Any], exact_rows: bool = False) -> list[Any]:

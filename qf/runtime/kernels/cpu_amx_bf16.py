@@ -46,7 +46,6 @@ MIN_TOKENS_REPACKED = 128
 CHUNK_STEPS = 64  # steps (2048 inputs) per chunk: a pair of 16-token groups and of panels take 512 KiB of L2
 
 
-
 def enabled() -> bool:
     """Whether prefill products use the bf16 tiles: where the host has AMX-BF16, unless QF_AMX=0."""
     return os.environ.get("QF_AMX", "") != "0" and cpu_amx.supported_bf16()

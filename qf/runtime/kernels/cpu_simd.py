@@ -122,6 +122,44 @@ def vadd(typingctx, a, b):
 
 
 @intrinsic
+def vdiv(typingctx, a, b):
+    """a / b, lanewise."""
+    return f32x16(a, b), lambda context, builder, sig, args: builder.fdiv(args[0], args[1], flags=_FAST)
+
+
+def _vconst(v: float) -> ir.Constant:
+    """A <16 x float> constant."""
+    return ir.Constant(_VF, [float(v)] * 16)
+
+
+@intrinsic
+def vexp(typingctx, v):
+    """exp of 16 lanes (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, degree-7 polynomial; relative error
+    ~1e-7); lanes below -87.3 give ~1e-38 rather than 0, above 88.38 ~2.4e38 rather than infinity; NaN lanes
+    give garbage."""
+    def codegen(context, builder, sig, args):
+        x = args[0]
+        lo, hi = _vconst(-87.33654), _vconst(88.3762626647949)
+        x = builder.select(builder.fcmp_ordered("<", x, lo), lo, x)
+        x = builder.select(builder.fcmp_ordered(">", x, hi), hi, x)
+        floor = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VF, [_VF]), "llvm.floor.v16f32")
+        fl = _FAST
+        n = builder.call(floor, [builder.fadd(builder.fmul(x, _vconst(1.44269504088896341), flags=fl),
+                                              _vconst(0.5), flags=fl)])
+        r = builder.fsub(x, builder.fmul(n, _vconst(0.693359375), flags=fl), flags=fl)
+        r = builder.fsub(r, builder.fmul(n, _vconst(-2.12194440e-4), flags=fl), flags=fl)
+        y = _vconst(1.9875691500e-4)
+        for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+            y = builder.fadd(builder.fmul(y, r, flags=fl), _vconst(c), flags=fl)
+        y = builder.fadd(builder.fadd(builder.fmul(y, builder.fmul(r, r, flags=fl), flags=fl), r, flags=fl),
+                         _vconst(1.0), flags=fl)
+        e = builder.shl(builder.add(builder.fptosi(n, _VI32), ir.Constant(_VI32, [127] * 16)),
+                        ir.Constant(_VI32, [23] * 16))
+        return builder.fmul(y, builder.bitcast(e, _VF), flags=fl)
+    return f32x16(v), codegen
+
+
+@intrinsic
 def vsum(typingctx, v):
     """Sum of the 16 lanes (tree order)."""
     def codegen(context, builder, sig, args):
