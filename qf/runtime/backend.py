@@ -119,40 +119,47 @@ def _silu_mul(g: float, z: float, u: float) -> float:
     return g / (np.float32(1.0) + np.exp(-z)) * u
 
 
-@numba.njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
-def _swiglu(gate: np.ndarray, up: np.ndarray) -> None:
-    """gate = silu(gate) * up in place; both [M, n]: rows in parallel, 16 lanes at a time (vexp)."""
-    n = gate.shape[1]
-    one = vsplat(1.0)
-    for m in numba.prange(gate.shape[0]):
-        g_row, u_row = gate[m], up[m]
-        for i in range(0, n - n % 16, 16):
-            g = vload(g_row, i)
-            vstore(g_row, i, vmul(vdiv(g, vadd(one, vexp(vmul(g, vsplat(-1.0))))), vload(u_row, i)))
-        for i in range(n - n % 16, n):
-            g_row[i] = _silu_mul(g_row[i], g_row[i], u_row[i])
-
-
 GELU_C = math.sqrt(2.0 / math.pi)  # tanh approximation of GELU (ggml_gelu, torch approximate="tanh")
 GELU_A = 0.044715
+PARALLEL_GLU_ROWS = 8  # SwiGLU / GeGLU of this many rows or more run on the kernel threads (decode: serial)
+
+
+@numba.njit(inline="always", cache=True, fastmath=True, error_model="numpy")
+def _glu_row(g_row: np.ndarray, u_row: np.ndarray, gelu: bool) -> None:
+    """g_row = act(g_row) * u_row, 16 lanes at a time (vexp): silu(g) = g sigmoid(g); gelu_tanh(g) =
+    0.5 g (1 + tanh(v)) = g sigmoid(2v), v = c g (1 + a g^2)."""
+    n = g_row.shape[0]
+    c2, a = np.float32(-2.0 * GELU_C), np.float32(GELU_A)
+    one = vsplat(1.0)
+    for i in range(0, n - n % 16, 16):
+        g = vload(g_row, i)
+        if gelu:
+            z = vmul(vmul(vsplat(c2), g), vfma(vmul(vsplat(a), g), g, one))  # -2v
+        else:
+            z = vmul(g, vsplat(-1.0))
+        vstore(g_row, i, vmul(vdiv(g, vadd(one, vexp(z))), vload(u_row, i)))
+    for i in range(n - n % 16, n):
+        g = g_row[i]
+        g_row[i] = _silu_mul(g, -c2 * g * (np.float32(1.0) + a * g * g) if gelu else g, u_row[i])
+
+
+@numba.njit(cache=True, fastmath=True, error_model="numpy")
+def _glu_serial(gate: np.ndarray, up: np.ndarray, gelu: bool) -> None:
+    """gate = act(gate) * up in place, both [M, n], in this thread."""
+    for m in range(gate.shape[0]):
+        _glu_row(gate[m], up[m], gelu)
 
 
 @numba.njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
-def _geglu(gate: np.ndarray, up: np.ndarray) -> None:
-    """gate = gelu_tanh(gate) * up in place; both [M, n]. gelu_tanh(g) = 0.5 g (1 + tanh(u)) = g sigmoid(2u),
-    u = c g (1 + a g^2): rows in parallel, 16 lanes at a time (vexp)."""
-    n = gate.shape[1]
-    c2, a = np.float32(-2.0 * GELU_C), np.float32(GELU_A)
-    one = vsplat(1.0)
+def _glu_parallel(gate: np.ndarray, up: np.ndarray, gelu: bool) -> None:
+    """gate = act(gate) * up in place, both [M, n], rows on the kernel threads."""
     for m in numba.prange(gate.shape[0]):
-        g_row, u_row = gate[m], up[m]
-        for i in range(0, n - n % 16, 16):
-            g = vload(g_row, i)
-            z = vmul(vmul(vsplat(c2), g), vfma(vmul(vsplat(a), g), g, one))  # -2u
-            vstore(g_row, i, vmul(vdiv(g, vadd(one, vexp(z))), vload(u_row, i)))
-        for i in range(n - n % 16, n):
-            g = g_row[i]
-            g_row[i] = _silu_mul(g, -c2 * g * (np.float32(1.0) + a * g * g), u_row[i])
+        _glu_row(gate[m], up[m], gelu)
+
+
+def _glu(gate: np.ndarray, up: np.ndarray, gelu: bool) -> None:
+    """gate = silu(gate) * up (gelu: gelu_tanh) in place; both [M, n]."""
+    (_glu_parallel if gate.shape[0] >= PARALLEL_GLU_ROWS else _glu_serial)(gate, up, gelu)
 
 
 def linears(be: Backend, ws: Sequence[Any], x: Any, biases: Sequence[Any], exact_rows: bool = False) -> list[Any]:
@@ -306,12 +313,12 @@ class CpuBackend:
 
     def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         """silu(gate) * up, computed into gate."""
-        _swiglu(gate, up)
+        _glu(gate, up, False)
         return gate
 
     def geglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         """gelu_tanh(gate) * up, computed into gate."""
-        _geglu(gate, up)
+        _glu(gate, up, True)
         return gate
 
     def add_(self, x: np.ndarray, y: np.ndarray) -> None:

@@ -77,7 +77,8 @@ def run_bench(model: Any, n_prompt: int, n_gen: int, reps: int, seed: int = 0) -
     for name, n, fn in (("pp", n_prompt, time_prompt), ("tg", n_gen, time_generation)):
         if n <= 0:
             continue
-        fn(eng, rng.integers(0, model.n_vocab, size=min(n, 8)).tolist())  # warm-up
+        # warm-up: the whole prompt (as llama-bench: its kernels, e.g. those of long batches, compile here), 8 steps
+        fn(eng, rng.integers(0, model.n_vocab, size=n if name == "pp" else min(n, 8)).tolist())
         secs = [fn(eng, rng.integers(0, model.n_vocab, size=n).tolist()) for _ in range(reps)]
         results.append(BenchResult(f"{name}{n}", n, secs))
     eng.cache.clear()

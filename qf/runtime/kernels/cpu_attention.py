@@ -31,7 +31,7 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
-from qf.runtime.kernels.cpu_simd import vadd, vexp, vfma, vload, vmul, vsplat, vstore, vsum, vzero
+from qf.runtime.kernels.cpu_simd import vadd, vexp, vfma, vhmax, vload, vmax, vmul, vsplat, vstore, vsum, vzero
 
 QBLOCK = 32  # elements per q8_0 / q4_0 block
 # IEEE half bits -> f32, the decoder of f16 caches and of q8_0/q4_0 scales (256 KiB, stays in L2)
@@ -272,9 +272,13 @@ def _flash_tile(q, kd, ks, vd, vs, tab, slot, pos0, scale, window, out, r0, r1, 
                 for t in range(KT):
                     s[i, t] = 0.0
                 continue
-            best = s[i, lo]
-            for t in range(lo + 1, hi):
-                best = max(best, s[i, t])
+            if lo == 0 and hi == KT:  # a whole tile (most of them): 16 lanes at a time
+                best = vhmax(vmax(vmax(vload(s, i * KT), vload(s, i * KT + 16)),
+                                  vmax(vload(s, i * KT + 32), vload(s, i * KT + 48))))
+            else:
+                best = s[i, lo]
+                for t in range(lo + 1, hi):
+                    best = max(best, s[i, t])
             m_new = max(mx[i], best)
             alpha[i] = np.exp(mx[i] - m_new)
             mx[i] = m_new

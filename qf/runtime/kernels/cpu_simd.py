@@ -170,6 +170,25 @@ def vsum(typingctx, v):
 
 
 @intrinsic
+def vmax(typingctx, a, b):
+    """max(a, b), lanewise (maxnum: a NaN lane takes the other operand)."""
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VF, [_VF, _VF]), "llvm.maxnum.v16f32")
+        return builder.call(fn, [args[0], args[1]])
+    return f32x16(a, b), codegen
+
+
+@intrinsic
+def vhmax(typingctx, v):
+    """The largest of the 16 lanes."""
+    def codegen(context, builder, sig, args):
+        fnty = ir.FunctionType(_F32, [_VF])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.vector.reduce.fmax.v16f32")
+        return builder.call(fn, [args[0]])
+    return types.float32(v), codegen
+
+
+@intrinsic
 def vhalves(typingctx, a, b):
     """Lanes 0-7 = a, lanes 8-15 = b."""
     def codegen(context, builder, sig, args):
