@@ -219,6 +219,8 @@ class CpuBackend:
     def _tiles(self, w: Any, n_tok: int) -> bool:
         """Whether a product of w with n_tok tokens runs on the AMX-BF16 tiles (reading the mmap) rather than on
         w's repacked panels or the other matmul paths."""
+        if n_tok < kernels.cpu_amx_bf16.MIN_TOKENS:  # decode steps and short batches: the cheap answer first
+            return False
         repacked = self.repack and isinstance(w, kernels.QMatrix) and w.type in cpu_repack.DEFAULT_TYPES
         return kernels.tiles_bf16(w, n_tok, repacked)
 
