@@ -229,24 +229,23 @@ def _block(ah, al, b, m, out_a, ra, rows_a, out_b, rb, rows_b, cbuf, cacc):
 @njit(inline="always", fastmath=FASTMATH, cache=True)
 def _flush(out_a, out_b, t, ra, rb, rows_a, rows_b, direct_a, direct_b, m, cbuf):
     """Results 0, 2 (panel a: groups t, t + 16) and 1, 3 (panel b) into their outputs."""
-    oa = 4 * out_a.shape[1]
-    ob = 4 * out_b.shape[1]
-    if direct_a:
-        tile_store(0, out_a, t * oa + 4 * ra, oa)
-        tile_store(2, out_a, (t + GROUP) * oa + 4 * ra, oa)
-    elif rows_a > 0:
-        tile_store(0, cbuf, 0, 4 * PANEL)
-        _copy(cbuf, out_a, t, ra, rows_a, m)
-        tile_store(2, cbuf, 0, 4 * PANEL)
-        _copy(cbuf, out_a, t + GROUP, ra, rows_a, m)
-    if direct_b:
-        tile_store(1, out_b, t * ob + 4 * rb, ob)
-        tile_store(3, out_b, (t + GROUP) * ob + 4 * rb, ob)
-    elif rows_b > 0:
-        tile_store(1, cbuf, 0, 4 * PANEL)
-        _copy(cbuf, out_b, t, rb, rows_b, m)
-        tile_store(3, cbuf, 0, 4 * PANEL)
-        _copy(cbuf, out_b, t + GROUP, rb, rows_b, m)
+    _flush_panel(0, 2, out_a, t, ra, rows_a, direct_a, m, cbuf)
+    _flush_panel(1, 3, out_b, t, rb, rows_b, direct_b, m, cbuf)
+
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def _flush_panel(k0, k1, out, t, r0, rows, direct, m, cbuf):
+    """Result tiles k0 (groups t) and k1 (t + 16) of one panel into out[:, r0 : r0 + rows]: straight when
+    whole, else through cbuf (a panel's short last rows, a batch's last tokens)."""
+    o_row = 4 * out.shape[1]
+    if direct:
+        tile_store(k0, out, t * o_row + 4 * r0, o_row)
+        tile_store(k1, out, (t + GROUP) * o_row + 4 * r0, o_row)
+    elif rows > 0:
+        tile_store(k0, cbuf, 0, 4 * PANEL)
+        _copy(cbuf, out, t, r0, rows, m)
+        tile_store(k1, cbuf, 0, 4 * PANEL)
+        _copy(cbuf, out, t + GROUP, r0, rows, m)
 
 
 @njit(fastmath=FASTMATH, cache=True)
