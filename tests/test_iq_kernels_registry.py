@@ -34,10 +34,10 @@ def test_the_stamp_follows_the_imports_of_the_registered_modules(monkeypatch: py
         return real(path)
 
     monkeypatch.setattr(cpu_registry, "_kernel_imports", spy)
-    stamp = cpu_registry.source_stamp(extra=("cpu_drivers",))
+    stamp = cpu_registry.source_stamp(extra=("cpu_drivers", "cpu_amx_bf16"))  # the tile kernels take kinds too
     assert stamp == cpu._STAMP
     inlined = {"cpu_simd", "cpu_decoder", "cpu_blas", "cpu_isimd", "cpu_idecode", "cpu_float", "cpu_legacy",
-               "cpu_kquants", "cpu_iq"}
+               "cpu_kquants", "cpu_iq", "cpu_amx", "cpu_amx_bf16"}
     assert inlined <= set(seen)
     assert all((here / f"{m}.py").exists() for m in seen)
     assert "cpu_int8" not in seen  # the integer drivers are watched by numba themselves
