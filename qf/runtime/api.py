@@ -195,7 +195,7 @@ class Model:
             placement, plan = _placement(path, ctx, n_batch, hp.n_layer, cpu, gpu_layers, vram, tensor_split, kv,
                                          torch_options, overrides)
             _check_host_memory(kv, sum(be is cpu for be in placement.layers))
-            if gate is None and precompile and kernels.int8_prefill() \
+            if gate is None and precompile and kernels.INT8_MIN_TOKENS is not None \
                     and any(be is cpu for be in placement.layers):
                 kernels.precompile_background({ti.type for ti in f.tensors.values()})
             forward = build_forward(forward_cls, hp, spec, load_tensors(f, hp, path), placement, ctx)

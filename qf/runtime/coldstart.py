@@ -236,7 +236,7 @@ def compile_decode(model: Any) -> None:
 
 
 def compile_prefill(model: Any) -> None:
-    """Run the tiled attention of a prompt chunk, then a prompt of PREFILL_TOKENS tokens (the integer products,
+    """Run the tiled attention of a prompt chunk, then the prompts of prefill_lengths() (the integer products,
     whose kernels the integer compile processes deliver meanwhile, and the tiled ones of types without
     integer kernels), so they compile into the disk cache. Rarer kernels (the fused products of 2-15-token
     batches, the parallel row attention past ~4096 / n_head_kv keys) still compile in-process on first use."""
@@ -244,9 +244,18 @@ def compile_prefill(model: Any) -> None:
     tok = model.tokenizer.bos_id or 0
     with eng.lock:
         model._warmup_prefill_attention()
-        if PREFILL_TOKENS <= eng.n_ctx:
-            eng.prefill([tok] * PREFILL_TOKENS)
-            eng.cache.clear()
+        for n in prefill_lengths():
+            if n <= eng.n_ctx:
+                eng.prefill([tok] * n)
+                eng.cache.clear()
+
+
+def prefill_lengths() -> tuple[int, ...]:
+    """The prompts the compile process runs: PREFILL_TOKENS, and where AMX-BF16 tiles take long batches
+    (kernels.cpu_amx_bf16) one long enough for them, repacked weights included."""
+    from qf.runtime.kernels import cpu_amx_bf16
+
+    return (PREFILL_TOKENS,) + ((cpu_amx_bf16.MIN_TOKENS_REPACKED,) if cpu_amx_bf16.ENABLED else ())
 
 
 def main(argv: list[str]) -> None:
@@ -261,7 +270,7 @@ def main(argv: list[str]) -> None:
                     precompile=False) as model:
         compile_matvec(model)  # before the integer compile processes start: nothing here waits for them
         Path(matvec_marker).touch()
-        if cpu.int8_prefill():
+        if cpu.INT8_MIN_TOKENS is not None:
             cpu.precompile_background({ti.type for ti in model._file.tensors.values()})
         compile_decode(model)
         Path(decode_marker).touch()

@@ -216,12 +216,6 @@ def tiles_bf16(w: object, n_tok: int, repacked: bool = False) -> bool:
     return isinstance(w, QMatrix) and w.type != GGMLType.F32 and cpu_amx_bf16.usable(w.n_in, n_tok, repacked)
 
 
-def int8_prefill() -> bool:
-    """Whether prefill batches of quantized weights run on the integer path (a native integer dot, no AMX-BF16
-    tiles): what makes precompiling its kernels worthwhile."""
-    return INT8_MIN_TOKENS is not None and not cpu_amx_bf16.ENABLED
-
-
 def _matmul_bf16_call(ws: tuple[QMatrix, ...], halves: tuple[np.ndarray, np.ndarray], n_tok: int,
                       ys: tuple[np.ndarray, ...]) -> None:
     """ys[i] = x @ ws[i].T for 1-3 weights of one type on the bf16 tiles, x given as its split halves."""
@@ -358,8 +352,9 @@ def _by_type(ws: Sequence[QMatrix], idx: Sequence[int]) -> list[list[int]]:
 
 
 def precompile(types: Iterable[GGMLType | int | str], parts: int | None = None) -> list[GGMLType]:
-    """Compile (numba caches them on disk) the integer prefill kernels of these types now, on tiny inputs
-    with the argument types real calls use, and leave a marker per type; returns the types compiled."""
+    """Compile (numba caches them on disk) the integer prefill kernels of these types now, and their AMX-BF16
+    tile kernels where the host has them, on tiny inputs with the argument types real calls use, and leave a
+    marker per type; returns the types compiled."""
     done = []
     for t in types:
         t = GGMLType[t] if isinstance(t, str) else GGMLType(t)
@@ -368,6 +363,8 @@ def precompile(types: Iterable[GGMLType | int | str], parts: int | None = None) 
         n_in = max(32, block_size(t))
         w = QMatrix(t, np.zeros((1, row_bytes(t, n_in)), np.uint8), n_in, 1)
         matmul_q8(w, quantize_q8(np.zeros((1, n_in), np.float32), parts))
+        if tiles_bf16(w, cpu_amx_bf16.MIN_TOKENS):  # and the AMX-BF16 tiles that take longer batches here
+            matmul(w, np.zeros((cpu_amx_bf16.MIN_TOKENS, n_in), np.float32))
         marker = _precompiled_marker(t, parts)
         if marker is not None:
             marker.touch()
@@ -504,6 +501,6 @@ def get_threads() -> int:
     return numba.get_num_threads()
 
 
-__all__ = ["KernelError", "Q8Activations", "QMatrix", "get_rows", "get_threads", "int8_prefill", "int8_types", "matmul",
+__all__ = ["KernelError", "Q8Activations", "QMatrix", "get_rows", "get_threads", "int8_types", "matmul",
            "matmul_many", "matmul_q8", "matvec", "precompile", "precompile_async", "precompile_background",
            "quantize_q8", "set_threads", "supported_types", "tiles_bf16", "unpack_int8", "wait_precompiled"]

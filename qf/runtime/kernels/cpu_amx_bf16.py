@@ -201,7 +201,7 @@ def _partials(cacc, t, load):
         tile_store(3, cacc, o + g + 64, 128)
 
 
-@njit(inline="always", fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _block(ah, al, b, m, out_a, ra, rows_a, out_b, rb, rows_b, cbuf, cacc):
     """Two panels (b [2, 2, 32 n_in] u8: panel, half) against every pair of 16-token groups into out_a[:, ra :
     ra + rows_a] and likewise b. Past CHUNK_STEPS steps the inputs go in chunks, each against every group
@@ -248,13 +248,21 @@ def _flush_panel(k0, k1, out, t, r0, rows, direct, m, cbuf):
         _copy(cbuf, out, t + GROUP, r0, rows, m)
 
 
-@njit(fastmath=FASTMATH, cache=True)
-def _panels(kind, w0, w1, w2, ah, al, m, out0, out1, out2, p0, p1):
-    """Panels p0 .. p1 - 1 of the sequence w0, w1, w2 (16 rows each, the last of a weight maybe fewer), two at
-    a time, in this thread: its own tile configuration and B scratch."""
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
+def _panels(kind, w0, w1, w2, ah, al, m, out0, out1, out2, c, n_par):
+    """Share c of n_par of the 16-row panels of the sequence w0, w1, w2 (the last of a weight maybe fewer
+    rows), two at a time, in this thread: its own tile configuration and B scratch. The tile products of a
+    pair of panels (_block) compile once for every type (~1.7 s less per type); only the panel build is the
+    type's."""
     n_in = ah.shape[1]
     q0 = (w0.shape[0] + PANEL - 1) // PANEL
     q1 = (w1.shape[0] + PANEL - 1) // PANEL
+    n_panels = q0 + q1 + (w2.shape[0] + PANEL - 1) // PANEL
+    size = ((n_panels + n_par - 1) // n_par + 1) // 2 * 2  # whole pairs of panels per share
+    p0 = c * size
+    p1 = min(n_panels, p0 + size)
+    if p0 >= p1:
+        return
     b = np.empty((2, 2, 32 * n_in), np.uint8)
     cbuf = np.empty(GROUP * PANEL, np.float32)
     cacc = np.empty((ah.shape[0] * 32) if n_in > STEP * CHUNK_STEPS else 0, np.float32)
@@ -286,15 +294,10 @@ def _panels(kind, w0, w1, w2, ah, al, m, out0, out1, out2, p0, p1):
 def matmul_kernel(kind, w0, w1, w2, ah, al, m, out0, out1, out2, n_items):
     """(x @ w0.T, x @ w1.T, x @ w2.T) for up to three weights of one type (u8 rows; 0 rows: none) on their split
     activations ah, al u16 [M_pad, n_in] (M_pad a multiple of 32, rows from m zero); the 16-row panels in
-    n_items even shares."""
-    n_panels = ((w0.shape[0] + PANEL - 1) // PANEL + (w1.shape[0] + PANEL - 1) // PANEL
-                + (w2.shape[0] + PANEL - 1) // PANEL)
-    size = ((n_panels + n_items - 1) // n_items + 1) // 2 * 2  # whole pairs of panels per share
+    n_items even shares on the kernel threads (a Python thread pool measured 1.8x slower here: numba's
+    OpenMP workers keep spinning on the cores after the activations' split)."""
     for c in prange(n_items):
-        p0 = c * size
-        p1 = min(n_panels, p0 + size)
-        if p0 < p1:
-            _panels(kind, w0, w1, w2, ah, al, m, out0, out1, out2, p0, p1)
+        _panels(kind, w0, w1, w2, ah, al, m, out0, out1, out2, c, n_items)
 
 
 def split(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -23,14 +23,13 @@ and keeps a running max and sum per row (online softmax), so the work per key is
 from __future__ import annotations
 
 import math
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
 from numba import types
 from numba.extending import overload
 
+from qf.runtime.kernels.cpu_pool import run_shares
 from qf.runtime.kernels.cpu_simd import vadd, vexp, vfma, vhmax, vload, vmax, vmul, vsplat, vstore, vsum, vzero
 
 QBLOCK = 32  # elements per q8_0 / q4_0 block
@@ -362,29 +361,7 @@ def attention_flash(q, kd, ks, vd, vs, tab, slot: int, pos0: int, scale: float, 
     n_jobs = -(-q.shape[0] // QT) * n_kv
     n_par = max(1, min(n_jobs, int(n_chunks)))
     args = (q, kd, ks, vd, vs, tab, int(slot), int(pos0), np.float32(scale), int(window), out)
-    if n_par == 1:
-        flash_jobs(*args, 0, 1)
-        return
-    pool = _pool(n_par - 1)
-    futures = [pool.submit(flash_jobs, *args, c, n_par) for c in range(1, n_par)]
-    flash_jobs(*args, 0, n_par)
-    for f in futures:
-        f.result()
-
-
-_POOL: list[ThreadPoolExecutor] = []
-_POOL_LOCK = threading.Lock()
-
-
-def _pool(n: int) -> ThreadPoolExecutor:
-    """A process-wide pool of at least n worker threads (grown by replacement, never shrunk)."""
-    with _POOL_LOCK:
-        if not _POOL or _POOL[0]._max_workers < n:
-            old = _POOL[:]
-            _POOL[:] = [ThreadPoolExecutor(max_workers=n, thread_name_prefix="qf-attention")]
-            for p in old:
-                p.shutdown(wait=False)
-        return _POOL[0]
+    run_shares(flash_jobs, args, n_par)
 
 
 @numba.njit(cache=True, fastmath=True, error_model="numpy", nogil=True)
