@@ -219,6 +219,7 @@ def tiles_bf16(w: object, n_tok: int, repacked: bool = False) -> bool:
 def _matmul_bf16_call(ws: tuple[QMatrix, ...], halves: tuple[np.ndarray, np.ndarray], n_tok: int,
                       ys: tuple[np.ndarray, ...]) -> None:
     """ys[i] = x @ ws[i].T for 1-3 weights of one type on the bf16 tiles, x given as its split halves."""
+    wait_precompiled()  # background processes compile the tile kernels too: load them rather than compile twice
     w = ws[0]
     n_panels = sum(-(-v.n_out // cpu_amx_bf16.PANEL) for v in ws)
     n_items = max(1, min(numba.get_num_threads(), -(-n_panels // 2)))
