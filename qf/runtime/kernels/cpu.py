@@ -219,7 +219,6 @@ def tiles_bf16(w: object, n_tok: int, repacked: bool = False) -> bool:
 def _matmul_bf16_call(ws: tuple[QMatrix, ...], halves: tuple[np.ndarray, np.ndarray], n_tok: int,
                       ys: tuple[np.ndarray, ...]) -> None:
     """ys[i] = x @ ws[i].T for 1-3 weights of one type on the bf16 tiles, x given as its split halves."""
-    wait_precompiled()  # background processes compile the tile kernels too: load them rather than compile twice
     w = ws[0]
     n_panels = sum(-(-v.n_out // cpu_amx_bf16.PANEL) for v in ws)
     n_items = max(1, min(numba.get_num_threads(), -(-n_panels // 2)))
@@ -353,9 +352,9 @@ def _by_type(ws: Sequence[QMatrix], idx: Sequence[int]) -> list[list[int]]:
 
 
 def precompile(types: Iterable[GGMLType | int | str], parts: int | None = None) -> list[GGMLType]:
-    """Compile (numba caches them on disk) the integer prefill kernels of these types now, and their AMX-BF16
-    tile kernels where the host has them, on tiny inputs with the argument types real calls use, and leave a
-    marker per type; returns the types compiled."""
+    """Compile (numba caches them on disk) the integer prefill kernels of these types now, on tiny inputs
+    with the argument types real calls use, and leave a marker per type; returns the types compiled (the
+    AMX-BF16 tile kernels compile on first use: the cold-start compile process runs a prompt long enough)."""
     done = []
     for t in types:
         t = GGMLType[t] if isinstance(t, str) else GGMLType(t)
@@ -364,8 +363,6 @@ def precompile(types: Iterable[GGMLType | int | str], parts: int | None = None) 
         n_in = max(32, block_size(t))
         w = QMatrix(t, np.zeros((1, row_bytes(t, n_in)), np.uint8), n_in, 1)
         matmul_q8(w, quantize_q8(np.zeros((1, n_in), np.float32), parts))
-        if tiles_bf16(w, cpu_amx_bf16.MIN_TOKENS):  # and the AMX-BF16 tiles that take longer batches here
-            matmul(w, np.zeros((cpu_amx_bf16.MIN_TOKENS, n_in), np.float32))
         marker = _precompiled_marker(t, parts)
         if marker is not None:
             marker.touch()
