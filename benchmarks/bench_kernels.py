@@ -7,7 +7,8 @@ Shapes are SmolLM2-135M's: ffn_down 576x1536, ffn_up 1536x576 and the output hea
 for the K-quants (256-element blocks) n_in 576 becomes 768.
 The prefill table times the matmul paths: "fused" (blocks decoded in registers, blas=False), "tiles"
 (rows decoded into an f32 tile, then BLAS sgemm per thread; float types from M >= BLAS_MIN_TOKENS) and
-"int8" (activations quantized per call, integer dot products; quantized types from M >= INT8_MIN_TOKENS).
+"int8" (activations quantized per call, integer dot products; quantized types from M >= INT8_MIN_TOKENS) and
+"amx" (AMX-BF16 tiles, kernels/cpu_amx_bf16.py: hosts that have them, from M >= its MIN_TOKENS, else nan).
 Baselines run in the same process on the same data: "np deq+mv" dequantizes with the codec and multiplies
 on every call (what a runtime without fused kernels does), "np f32" multiplies pre-dequantized f32 weights
 (BLAS; 4 bytes per weight). Timings are the fastest single call of many; on a shared machine compare ratios.
@@ -104,7 +105,7 @@ def bench_matmul(types, rng) -> None:
     print(f"\nmatmul (prefill), {cpu.get_threads()} threads; GFLOP/s = 2*M*n_in*n_out / time "
           f"(auto path: tiles from M={cpu.BLAS_MIN_TOKENS})")
     print(f"{'type':6} {'n_out x n_in':>12} {'M':>4} {'fused GF':>9} {'tiles GF':>9} {'int8 GF':>8} {'np deq+mm':>10} "
-          f"{'np f32':>8} {'tiles/fused':>12} {'int8/tiles':>11} {'x f32':>7}")
+          f"{'np f32':>8} {'tiles/fused':>12} {'int8/tiles':>11} {'x f32':>7} {'amx GF':>8} {'amx/int8':>9}")
     for t in types:
         for n_out, n_in in (fit_shape(t, *s) for s in PREFILL_SHAPES):
             data, wf = make_weight(t, n_out, n_in, rng)
@@ -118,11 +119,13 @@ def bench_matmul(types, rng) -> None:
                 tt = best_time(lambda: cpu.matmul(w, x, out, blas=True, int8=False))
                 has_int8 = t in cpu.int8_types()
                 ti = best_time(lambda: cpu.matmul(w, x, out, int8=True)) if has_int8 else float("nan")
+                has_amx = cpu.tiles_bf16(w, m)
+                ta = best_time(lambda: cpu.matmul(w, x, out)) if has_amx else float("nan")  # default path: tiles
                 tn = best_time(lambda: x @ codec.dequantize(data).T, budget=0.1)
                 tf = best_time(lambda: x @ wf.T)
                 print(f"{t.name:6} {f'{n_out}x{n_in}':>12} {m:4} {flop / tk / 1e9:9.1f} {flop / tt / 1e9:9.1f} "
                       f"{flop / ti / 1e9:8.1f} {flop / tn / 1e9:10.1f} {flop / tf / 1e9:8.1f} {tk / tt:12.2f} "
-                      f"{tt / ti:11.2f} {tf / tt:7.2f}")
+                      f"{tt / ti:11.2f} {tf / tt:7.2f} {flop / ta / 1e9:8.1f} {ti / ta:9.2f}")
 
 
 def random_weight(t, n_out: int, n_in: int, rng: np.random.Generator) -> np.ndarray:

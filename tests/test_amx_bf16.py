@@ -1,10 +1,11 @@
 """Prefill products on AMX-BF16 tiles (kernels/cpu_amx_bf16.py) against numpy's float64 product.
 
 1. The kernel, for types of each decoder family (legacy, K, IQ, float), rows that are not a multiple of the 16-row
-   panel and M = 1..130, is within 2^-15 of sum |w x| of the float64 product of the dequantized weight
-   (its error budget is 2^-16 per product plus f32 sums; the integer path's two 8-bit parts are ~2^-15 of a
-   block's largest activation).
-2. The split halves give back every activation within 2^-16 of its magnitude; padding rows are zero.
+   panel, rows longer than a chunk of inputs and M = 1..130, is within 2^-15 of sum |w x| of the float64 product
+   of the dequantized weight (its error budget is about 2^-16 per product plus f32 sums; the integer path's two
+   8-bit parts are ~2^-15 of a block's largest activation).
+2. The split halves give back every activation within 2^-17 of its magnitude (hi alone: the nearest bf16);
+   padding rows are zero.
 3. `cpu.matmul` and `cpu.matmul_many` take the tiles from MIN_TOKENS tokens and agree bit for bit; a row
    does not depend on the batch or the thread count; QF_AMX=0 turns the tiles off.
 4. A repacking backend runs prefill on the tiles and decode steps on its panels.
@@ -77,6 +78,15 @@ def test_tiles_on_every_bit_pattern(t: GGMLType) -> None:
     data, w = _random_bytes(t, 48, n_in, rng)
     x = rng.standard_normal((33, n_in)).astype(np.float32)
     _check(_tiles(cpu.QMatrix(t, data, n_in, 48), x), w, x)
+
+
+def test_rows_past_a_chunk() -> None:
+    """Rows longer than CHUNK_STEPS tile steps keep their partial sums between chunks (cacc)."""
+    rng = np.random.default_rng(7)
+    n_in = cpu_amx_bf16.STEP * (cpu_amx_bf16.CHUNK_STEPS + 3)
+    data, w = _quantized(GGMLType.Q4_0, 21, n_in, rng)
+    x = rng.standard_normal((40, n_in)).astype(np.float32)
+    _check(_tiles(cpu.QMatrix(GGMLType.Q4_0, data, n_in, 21), x), w, x)
 
 
 def test_split_halves() -> None:

@@ -14,6 +14,11 @@ PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):",
     "<|im_start|>user\nName three primary colors.<|im_end|>\n<|im_start|>assistant\n",
+    # long enough (with its 32 generated tokens) for the prefill products of 64+ tokens: AMX-BF16 tiles where the
+    # host has them (kernels/cpu_amx_bf16.py), else the integer path
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined movable "
+    "metal type, oil-based inks and a wooden press adapted from wine making. Within a few decades printing shops "
+    "had spread across Europe, and books that once took months to copy by hand",
 ]
 N_TOKENS = 32
 
@@ -35,7 +40,7 @@ def test_greedy_and_logits_match_transformers(smollm2_hf: Path, smollm2_f16: Pat
     from qf.runtime import Model
 
     hf = AutoModelForCausalLM.from_pretrained(smollm2_hf, dtype=torch.float32).eval()
-    worst = 0.0
+    diffs = []
     with Model.load(smollm2_f16, n_ctx=256) as m:
         for prompt in PROMPTS:
             ids = m.tokenize(prompt)
@@ -51,6 +56,6 @@ def test_greedy_and_logits_match_transformers(smollm2_hf: Path, smollm2_f16: Pat
             assert len(gen.tokens) == N_TOKENS or gen.finish_reason == "stop"
             ours = m.logits(out[0].tolist())
             diff = float(np.abs(ours - ref_logits).max())
-            worst = max(worst, diff)
+            diffs.append(diff)
             assert diff < 0.02 * float(np.abs(ref_logits).max()), (prompt, diff)
-    print(f"max |logit difference| vs transformers over {len(PROMPTS)} prompts: {worst:.5f}")
+    print("max |logit difference| vs transformers per prompt:", " ".join(f"{d:.5f}" for d in diffs))
