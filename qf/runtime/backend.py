@@ -395,10 +395,11 @@ class CpuKV:
     def _put(self, type_name: str, data: np.ndarray, scales: np.ndarray, x: np.ndarray, slots: np.ndarray,
              pos: np.ndarray) -> None:
         """Write rows x [M, Hkv, D] in the cache type (quantized per 32 values for q8_0 / q4_0)."""
-        if type_name == "f32":
-            data[slots, :, pos, :] = x
-        elif type_name == "f16":
-            data[slots, :, pos, :] = x.astype(np.float16).view(np.uint16)
+        if type_name in ("f32", "f16"):
+            if self._cold("decode"):
+                data[slots, :, pos, :] = x if type_name == "f32" else x.astype(np.float16).view(np.uint16)
+            else:
+                attn.store_rows(np.ascontiguousarray(x, dtype=np.float32), data, slots, pos)
         else:
             x = np.ascontiguousarray(x, dtype=np.float32)
             if self._cold("decode"):  # ggml's reference quantizers in numpy, the same bytes

@@ -30,9 +30,14 @@ from numba import types
 from numba.extending import overload
 
 from qf.runtime.kernels.cpu_pool import run_shares
-from qf.runtime.kernels.cpu_simd import vadd, vexp, vfma, vhmax, vload, vmax, vmul, vsplat, vstore, vsum, vzero
+from qf.runtime.kernels.cpu_simd import (f16_bits, ld_bits, ld_f16, ld_i8, vadd, vexp, vfma, vhmax, vload, vmax, vmul,
+                                         vsplat, vstore, vstore_f16, vsum, vzero)
 
 QBLOCK = 32  # elements per q8_0 / q4_0 block
+# The row kernels' float flags: fast math without reassociation, so that a row's sums are the same in the
+# serial and the parallel kernel (exact rows of a multi-sequence decode step); the vectors sum in the order
+# written (vsum's lane tree aside).
+ROW_MATH = {"contract", "nnan", "ninf", "nsz", "arcp", "afn"}
 # IEEE half bits -> f32, the decoder of f16 caches and of q8_0/q4_0 scales (256 KiB, stays in L2)
 F16_TABLE = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 
@@ -73,6 +78,97 @@ def _ov_read_row(data, scales, tab, s, h, t, out):
                     out[b * QBLOCK + half + j] = np.float32((byte >> 4) - 8) * sc
         return q4_row
     return None
+
+
+@numba.njit(cache=True, inline="always")
+def _flat(data, s, h, t):
+    """Flat index of row (s, h, t)'s first element in a C-contiguous [S, H, T, cols] array."""
+    return ((s * data.shape[1] + h) * data.shape[2] + t) * data.shape[3]
+
+
+def load16(data, scales, tab, s, h, t, d):
+    """Values d .. d + 15 (d a multiple of 16) of row (s, h, t) of a C-contiguous cache tensor as f32x16
+    (specialised on data's dtype)."""
+
+
+@overload(load16, inline="always")
+def _ov_load16(data, scales, tab, s, h, t, d):
+    """Pick the 16-lane loader for the cache type at compile time."""
+    dt = data.dtype
+    base = _flat
+    if dt == types.float32:
+        return lambda data, scales, tab, s, h, t, d: vload(data, base(data, s, h, t) + d)
+    if dt == types.uint16:
+        return lambda data, scales, tab, s, h, t, d: ld_f16(data, base(data, s, h, t) + d)
+    if dt == types.int8:
+        def q8_16(data, scales, tab, s, h, t, d):
+            return vmul(ld_i8(data, base(data, s, h, t) + d), vsplat(tab[scales[s, h, t, d // QBLOCK]]))
+        return q8_16
+    if dt == types.uint8:
+        def q4_16(data, scales, tab, s, h, t, d):
+            off = base(data, s, h, t) + (d // QBLOCK) * (QBLOCK // 2)
+            q = ld_bits(data, off, (d % QBLOCK) // 4, 15)  # d % 32 = 16: the high nibbles
+            return vmul(vadd(q, vsplat(-8.0)), vsplat(tab[scales[s, h, t, d // QBLOCK]]))
+        return q4_16
+    return None
+
+
+@numba.njit(cache=True, fastmath=True, error_model="numpy", inline="always")
+def _attend_row_vec(q, kd, ks, vd, vs, tab, slot, p, sc, window, m, kvh, out, qv, s):
+    """_attend_row for D a multiple of 16, 16 lanes at a time: each key is read once per query head of the
+    group as vectors (f16 widened by vcvtph2ps), the softmax runs on vexp, and each output vector sums its keys
+    in two chains. qv: [group, D] f32 scratch; s: [group, >= p + 1] f32 scratch."""
+    dim = q.shape[2]
+    nv = dim // 16
+    group = q.shape[1] // kd.shape[1]
+    h0 = kvh * group
+    t0 = max(0, p + 1 - window) if window > 0 else 0
+    n_keys = p + 1 - t0
+    for g in range(group):
+        for d in range(dim):
+            qv[g, d] = q[m, h0 + g, d] * sc
+    for t in range(n_keys):
+        for g in range(group):
+            acc = vzero()
+            for c in range(nv):
+                acc = vfma(vload(qv, g * dim + 16 * c), load16(kd, ks, tab, slot, kvh, t0 + t, 16 * c), acc)
+            s[g, t] = vsum(acc)
+    n16 = n_keys - n_keys % 16
+    for g in range(group):
+        best = s[g, 0]
+        if n16:
+            mv = vload(s, g * s.shape[1])
+            for t in range(16, n16, 16):
+                mv = vmax(mv, vload(s, g * s.shape[1] + t))
+            best = vhmax(mv)
+        for t in range(n16, n_keys):
+            best = max(best, s[g, t])
+        neg = vsplat(-best)
+        total = np.float32(0.0)
+        for t in range(0, n16, 16):
+            e = vexp(vadd(vload(s, g * s.shape[1] + t), neg))
+            vstore(s, g * s.shape[1] + t, e)
+            total += vsum(e)
+        for t in range(n16, n_keys):
+            e = np.exp(s[g, t] - best)
+            s[g, t] = e
+            total += e
+        inv = np.float32(1.0) / total
+        for t in range(n_keys):
+            s[g, t] *= inv
+    for c in range(nv):
+        for g in range(group):
+            a0 = vzero()
+            a1 = vzero()
+            for t in range(0, n_keys - 1, 2):
+                a0 = vfma(vsplat(s[g, t]), load16(vd, vs, tab, slot, kvh, t0 + t, 16 * c), a0)
+                a1 = vfma(vsplat(s[g, t + 1]), load16(vd, vs, tab, slot, kvh, t0 + t + 1, 16 * c), a1)
+            if n_keys % 2:
+                a0 = vfma(vsplat(s[g, n_keys - 1]), load16(vd, vs, tab, slot, kvh, t0 + n_keys - 1, 16 * c), a0)
+            vstore(qv, g * dim + 16 * c, vadd(a0, a1))
+    for g in range(group):
+        for d in range(dim):
+            out[m, h0 + g, d] = qv[g, d]
 
 
 @numba.njit(cache=True, fastmath=True, error_model="numpy", inline="always")
@@ -117,28 +213,83 @@ def _attend_row(q, kd, ks, vd, vs, tab, slot, p, sc, window, m, kvh, out, kbuf, 
 
 
 # Two separately named functions: numba's cache is keyed by function, not by the `parallel` flag.
-@numba.njit(cache=True, parallel=True, fastmath=True, error_model="numpy")
+@numba.njit(cache=True, parallel=True, fastmath=ROW_MATH, error_model="numpy")
 def attention_parallel(q, kd, ks, vd, vs, tab, slots, pos, scale, window, out):
     """Causal GQA attention of rows q [M, H, D] at (slots[m], pos[m]) -> out [M, H, D]; one job per (row, kv head)."""
     n_kv = kd.shape[1]
     group = q.shape[1] // n_kv
     for job in numba.prange(q.shape[0] * n_kv):
         m = job // n_kv
-        kbuf = np.empty(q.shape[2], dtype=np.float32)
         s = np.empty((group, pos[m] + 1), dtype=np.float32)
-        _attend_row(q, kd, ks, vd, vs, tab, slots[m], pos[m], np.float32(scale), window, m, job % n_kv, out, kbuf, s)
+        _row_job(q, kd, ks, vd, vs, tab, slots[m], pos[m], np.float32(scale), window, m, job % n_kv, out,
+                 np.empty((group, q.shape[2]), dtype=np.float32), s)
 
 
-@numba.njit(cache=True, fastmath=True, error_model="numpy")
+@numba.njit(cache=True, fastmath=ROW_MATH, error_model="numpy")
 def attention_serial(q, kd, ks, vd, vs, tab, slots, pos, scale, window, out):
     """The same attention on the calling thread (small problems: a decode step over a short context)."""
     n_kv = kd.shape[1]
     group = q.shape[1] // n_kv
-    kbuf = np.empty(q.shape[2], dtype=np.float32)
+    buf = np.empty((group, q.shape[2]), dtype=np.float32)
     s = np.empty((group, pos.max() + 1), dtype=np.float32)
     for job in range(q.shape[0] * n_kv):
         m = job // n_kv
-        _attend_row(q, kd, ks, vd, vs, tab, slots[m], pos[m], np.float32(scale), window, m, job % n_kv, out, kbuf, s)
+        _row_job(q, kd, ks, vd, vs, tab, slots[m], pos[m], np.float32(scale), window, m, job % n_kv, out, buf, s)
+
+
+@numba.njit(cache=True, fastmath=ROW_MATH, error_model="numpy", inline="always")
+def _row_job(q, kd, ks, vd, vs, tab, slot, p, sc, window, m, kvh, out, buf, s):
+    """One (row, kv head) job: the vector kernel when D is a multiple of 16, else the scalar one (buf [group, D])."""
+    if q.shape[2] % 16 == 0:
+        _attend_row_vec(q, kd, ks, vd, vs, tab, slot, p, sc, window, m, kvh, out, buf, s)
+    else:
+        _attend_row(q, kd, ks, vd, vs, tab, slot, p, sc, window, m, kvh, out, buf[0], s)
+
+
+@numba.njit(cache=True, fastmath=False, error_model="numpy")
+def store_rows(x, data, slots, pos):
+    """Rows x [M, H, D] f32 -> an f32 or f16 (u16 bits, rounded to nearest even as numpy's astype) cache
+    tensor at (slots[m], :, pos[m]); 16 values at a time where D allows."""
+    dim = x.shape[2]
+    for m in range(x.shape[0]):
+        for h in range(x.shape[1]):
+            row = x[m, h]
+            o = _flat(data, slots[m], h, pos[m])
+            _store16(data, o, row, dim - dim % 16)
+            for d in range(dim - dim % 16, dim):
+                data[slots[m], h, pos[m], d] = _cache_value(data, row[d])
+
+
+def _store16(data, o, row, n):
+    """data.flat[o : o + n] = row[:n] in the cache's element type, 16 at a time (n a multiple of 16)."""
+
+
+@overload(_store16, inline="always")
+def _ov_store16(data, o, row, n):
+    """f32 copy or f16 rounding, picked at compile time."""
+    if data.dtype == types.uint16:
+        def f16(data, o, row, n):
+            for d in range(0, n, 16):
+                vstore_f16(data, o + d, vload(row, d))
+        return f16
+    if data.dtype == types.float32:
+        def f32(data, o, row, n):
+            for d in range(0, n, 16):
+                vstore(data, o + d, vload(row, d))
+        return f32
+    return None
+
+
+def _cache_value(data, v):
+    """One f32 value in the cache's element type (f32, or f16 bits)."""
+
+
+@overload(_cache_value, inline="always")
+def _ov_cache_value(data, v):
+    """Identity for f32 caches, f16 bits for u16 ones."""
+    if data.dtype == types.uint16:
+        return lambda data, v: f16_bits(v)
+    return lambda data, v: v
 
 
 @numba.njit(cache=True, fastmath=False, error_model="numpy")

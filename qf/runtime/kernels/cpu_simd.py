@@ -228,6 +228,26 @@ def vstore(typingctx, arr, i, v):
     return types.none(arr, i, v), codegen
 
 
+@intrinsic
+def vstore_f16(typingctx, arr, i, v):
+    """arr[i : i + 16] = v rounded to IEEE halves (to nearest even, as numpy's astype), for a u16 array."""
+    def codegen(context, builder, sig, args):
+        idx = _as(context, builder, args[1], sig.args[1], types.intp)
+        h = builder.fptrunc(args[2], ir.VectorType(ir.HalfType(), LANES))
+        builder.store(h, _elem_ptr(context, builder, sig.args[0], args[0], idx, h.type), align=2)
+        return context.get_dummy_value()
+    return types.none(arr, i, v), codegen
+
+
+@intrinsic
+def f16_bits(typingctx, x):
+    """The IEEE half bits of f32 x rounded to nearest even (numpy's astype(float16)), as u16."""
+    def codegen(context, builder, sig, args):
+        h = builder.fptrunc(_as(context, builder, args[0], sig.args[0], types.float32), ir.HalfType())
+        return builder.bitcast(h, ir.IntType(16))
+    return types.uint16(x), codegen
+
+
 # ------------------------------------------------------------------ packed rows (u8 array, byte offset)
 
 @intrinsic
