@@ -10,7 +10,9 @@ Opt-in: it needs a llama-bench binary, e.g. built from the llama-cpp-python sdis
 
 Each round runs, per model, llama-bench once (-r 1, JSON output) and then qbench once (-r 1, --json), in
 separate processes, one after the other: load that drifts over minutes hits both sides of a ratio alike.
-The table gives each side's median tokens/s and the median of the per-round ratios qf / llama.cpp.
+The sides run in one order in odd rounds and in the reverse order in even ones (a run measured faster right
+after another: the order would otherwise favour one side). The table gives each side's median tokens/s and
+the median of the per-round ratios qf / llama.cpp; use an even number of rounds.
 
 --base-env VAR=VALUE instead makes the third side this tree under those variables (e.g. --repack --base-env
 QF_AMX=0: AMX tiles against VNNI only, in the same rounds).
@@ -65,7 +67,7 @@ def qbench(model: Path, n_prompt: int, n_gen: int, threads: int, source: Path | 
         subprocess.run([sys.executable, "-m", "qf.tools.qbench", str(model), "-p", str(n_prompt), "-n", str(n_gen),
                         "-t", str(threads), "-r", "1", "--json", str(js)] + (["--repack"] if repack else []),
                        capture_output=True, text=True, check=True,
-                       env=env)
+                       env=env, cwd=source)  # not this tree: `python -m` puts the working folder first on sys.path
         return {r["test"]: float(r["median_tps"]) for r in json.loads(js.read_text())["results"]}
 
 
@@ -113,8 +115,9 @@ def main() -> None:
     runs: dict[tuple[str, str, str], list[float]] = {}
     for k in range(args.rounds):
         print(f"round {k + 1}: load average {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
+        order = list(sides.items()) if k % 2 == 0 else list(sides.items())[::-1]  # even out who runs first
         for name, path in models.items():
-            for side, fn in sides.items():
+            for side, fn in order:
                 for test, tps in fn(path).items():
                     runs.setdefault((name, test, side), []).append(tps)
                     print(f"  {name} {test} {side}: {tps:.1f} t/s", file=sys.stderr, flush=True)
