@@ -416,7 +416,8 @@ class CpuKV:
         if self.rot_k is not None:
             q = np.ascontiguousarray(q @ self.rot_k)  # (q H) . (k H) = q . k
         out = np.empty_like(q)
-        keys = int(pos.max()) + 1 if window <= 0 else min(int(pos.max()) + 1, window)
+        last = int(pos[0]) if pos.shape[0] == 1 else int(pos.max())  # numpy's max costs ~1.5 us per decode call
+        keys = last + 1 if window <= 0 else min(last + 1, window)
         work = q.shape[0] * self.spec.n_head_kv * keys
         sc = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
         tiled = self._tiled(q, slots, pos)

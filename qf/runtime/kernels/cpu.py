@@ -30,7 +30,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numba
 import numpy as np
@@ -38,6 +38,7 @@ import numpy as np
 from qf.format.errors import QFError
 from qf.format.ggml_types import GGMLType, block_size, row_bytes
 from qf.runtime.kernels import cpu_amx_bf16, cpu_blas, cpu_int8, cpu_iq_dot
+from qf.runtime.kernels.cpu_call import entry_point
 from qf.runtime.kernels.cpu_drivers import (_STAMP, DECODERS, Kind, matmul_items, matmul_kernel, matmul_tiles_kernel,
                                             matvec_kernel, rows_kernel, tile_rows)
 from qf.runtime.kernels.cpu_idecode import IDECODERS
@@ -166,8 +167,14 @@ def matvec(w: QMatrix, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarr
     y = _output(out, (w.n_out,))
     if w.type in INT8_DECODE_TYPES:
         return cpu_iq_dot.matvec_q8(w, quantize_q8(x[None], 1), y)
-    matvec_kernel(w.kind, w.data, x, y)
+    run = _MATVEC.get(w.type) if x.flags.writeable else matvec_kernel
+    if run is None:  # w.data is always read-only u8 [n_out, row_bytes], y writable: one signature per type
+        run = _MATVEC[w.type] = entry_point(matvec_kernel, (w.kind, w.data, x, y))
+    run(w.kind, w.data, x, y)
     return y
+
+
+_MATVEC: dict[GGMLType, Callable[..., None]] = {}  # matvec_kernel's compiled entry point per type (cpu_call.py)
 
 
 def matmul(w: QMatrix, x: np.ndarray, out: np.ndarray | None = None, *, blas: bool | None = None,
@@ -491,12 +498,16 @@ def set_threads(n: int) -> None:
     if not 1 <= int(n) <= top:
         raise KernelError(f"thread count must be in 1..{top}; got {n}")
     numba.set_num_threads(int(n))
+    _THREADS.n = int(n)
     cpu_blas.set_blas_threads(int(n))  # numpy's BLAS outside the kernels (the kernels run it per thread)
+
+
+_THREADS = threading.local()  # set_threads' count per calling thread (numba's own getter costs ~1 us per call)
 
 
 def get_threads() -> int:
     """Threads the calling thread's kernel calls use."""
-    return numba.get_num_threads()
+    return getattr(_THREADS, "n", 0) or numba.get_num_threads()
 
 
 __all__ = ["KernelError", "Q8Activations", "QMatrix", "get_rows", "get_threads", "int8_types", "matmul",

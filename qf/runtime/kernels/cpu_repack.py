@@ -32,7 +32,7 @@ steady for Q8_0 / Q4_K_M; the per-unit tile store and reload of the results, not
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import numba
 import numpy as np
@@ -44,6 +44,7 @@ from qf.format.errors import QFError
 from qf.format.ggml_types import GGMLType
 from qf.runtime.kernels import cpu, cpu_amx, cpu_registry
 from qf.runtime.kernels.cpu_amx import tile_config, tile_dot, tile_load, tile_release, tile_store, tile_zero
+from qf.runtime.kernels.cpu_call import entry_point
 from qf.runtime.kernels.cpu_decoder import FASTMATH
 from qf.runtime.kernels.cpu_idecode import IDECODERS
 from qf.runtime.kernels.cpu_int8 import (PANEL, UNIT, UNIT_BYTES, _build_panel, _store, _store4, _tokens, _unit1, _unit2,
@@ -732,7 +733,7 @@ class MergedCall:
     """matmul_many's kernel calls for fixed weights, worked out once (the per-step Python is a loop over them):
     the weights grouped by type, up to three per call."""
 
-    __slots__ = ("n_in", "n_out", "calls", "parts", "stamp")
+    __slots__ = ("n_in", "n_out", "calls", "parts", "stamp", "entries")
 
     def __init__(self, ws: Sequence[RepackedMatrix], parts: int | None = None) -> None:
         if not ws or any(w.n_in != ws[0].n_in for w in ws):
@@ -746,25 +747,30 @@ class MergedCall:
         by_type: dict[GGMLType, list[int]] = {}
         for i, w in enumerate(ws):
             by_type.setdefault(w.type, []).append(i)
-        self.calls = []
+        self.calls: list[tuple[tuple[int, ...], tuple[Any, ...]]] = []  # (result indices, leading kernel arguments)
         for idx in by_type.values():
             for k in range(0, len(idx), 3):
                 part = [ws[i] for i in idx[k:k + 3]]
                 none = _none(part[0].panels)
                 p = [v.panels for v in part] + [none] * (3 - len(part))
                 n = [v.n_out for v in part] + [0] * (3 - len(part))
-                self.calls.append((tuple(idx[k:k + 3]), (part[0].base.kind, *p, *n)))
+                self.calls.append((tuple(idx[k:k + 3]), (self.stamp, part[0].base.kind, cpu.ISA, *p, *n)))
+        self.entries: list[Any] | None = None  # matmul_kernel's compiled entry point per call (cpu_call.py)
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
         """[x @ w.T for w in the weights], x f32 [M, n_in]."""
         x = _x(x, self.n_in)
-        th = numba.get_num_threads()
+        if not x.flags.writeable:  # one numba type for x: the entry points are resolved for writable arrays
+            x = x.copy()
+        th = cpu.get_threads()
+        if self.entries is None:
+            self.entries = [entry_point(matmul_kernel, (*args, x, th)) for _, args in self.calls]
         if len(self.calls) == 1:
-            idx, (kind, p0, p1, p2, n0, n1, n2) = self.calls[0]
-            return list(matmul_kernel(self.stamp, kind, cpu.ISA, p0, p1, p2, n0, n1, n2, x, th)[:len(idx)])
+            idx, args = self.calls[0]
+            return list(self.entries[0](*args, x, th)[:len(idx)])
         ys: list[np.ndarray] = [None] * self.n_out  # type: ignore[list-item]
-        for idx, (kind, p0, p1, p2, n0, n1, n2) in self.calls:
-            for i, y in zip(idx, matmul_kernel(self.stamp, kind, cpu.ISA, p0, p1, p2, n0, n1, n2, x, th)):
+        for (idx, args), run in zip(self.calls, self.entries):
+            for i, y in zip(idx, run(*args, x, th)):
                 ys[i] = y
         return ys
 
