@@ -117,3 +117,18 @@ def test_attend_takes_flash_for_chunks_only(monkeypatch):
     kv.attend(q[:2], np.zeros(2, np.int64), pos[:2])  # too few rows
     kv.attend(q, np.zeros(m, np.int64), pos[::-1].copy())  # not consecutive
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 3])
+def test_flash_sliding_window_skips_keys(chunks):
+    """Narrow windows far into the cache, several chunks: a chunk's later tiles start past the keys it decoded
+    for its earlier ones (those keys are skipped, never read); results still match the reference."""
+    rng = np.random.default_rng(11 + chunks)
+    for n_kv, window in ((1, 2), (2, 20), (1, 70)):
+        m, pos0 = 150, 60
+        kv = filled("f16", "q8_0", n_kv, 32, pos0 + m, 0, rng)
+        q = rng.standard_normal((m, 2 * n_kv, 32)).astype(np.float32)
+        out = np.empty_like(q)
+        attn.attention_flash(q, kv.k, kv.k_scales, kv.v, kv.v_scales, attn.F16_TABLE, 0, pos0, 0.2, window, out,
+                             chunks)
+        assert np.abs(out - reference(q, kv, 0, pos0, 0.2, window)).max() < 2e-5, (n_kv, window)

@@ -114,6 +114,35 @@ def _ov_load16(data, scales, tab, s, h, t, d):
 
 
 @numba.njit(cache=True, fastmath=True, error_model="numpy", inline="always")
+def _softmax(s, g, n):
+    """s[g, :n] = softmax(s[g, :n]) in place, 16 lanes at a time (vexp) and the tail one by one; s: C-contiguous
+    [rows, >= n] f32."""
+    row = g * s.shape[1]
+    n16 = n - n % 16
+    best = s[g, 0]
+    if n16:
+        mv = vload(s, row)
+        for t in range(16, n16, 16):
+            mv = vmax(mv, vload(s, row + t))
+        best = vhmax(mv)
+    for t in range(n16, n):
+        best = max(best, s[g, t])
+    neg = vsplat(-best)
+    total = np.float32(0.0)
+    for t in range(0, n16, 16):
+        e = vexp(vadd(vload(s, row + t), neg))
+        vstore(s, row + t, e)
+        total += vsum(e)
+    for t in range(n16, n):
+        e = np.exp(s[g, t] - best)
+        s[g, t] = e
+        total += e
+    inv = np.float32(1.0) / total
+    for t in range(n):
+        s[g, t] *= inv
+
+
+@numba.njit(cache=True, fastmath=True, error_model="numpy", inline="always")
 def _attend_row_vec(q, kd, ks, vd, vs, tab, slot, p, sc, window, m, kvh, out, qv, s):
     """_attend_row for D a multiple of 16, 16 lanes at a time: each key is read once per query head of the
     group as vectors (f16 widened by vcvtph2ps), the softmax runs on vexp, and each output vector sums its keys
@@ -133,29 +162,8 @@ def _attend_row_vec(q, kd, ks, vd, vs, tab, slot, p, sc, window, m, kvh, out, qv
             for c in range(nv):
                 acc = vfma(vload(qv, g * dim + 16 * c), load16(kd, ks, tab, slot, kvh, t0 + t, 16 * c), acc)
             s[g, t] = vsum(acc)
-    n16 = n_keys - n_keys % 16
     for g in range(group):
-        best = s[g, 0]
-        if n16:
-            mv = vload(s, g * s.shape[1])
-            for t in range(16, n16, 16):
-                mv = vmax(mv, vload(s, g * s.shape[1] + t))
-            best = vhmax(mv)
-        for t in range(n16, n_keys):
-            best = max(best, s[g, t])
-        neg = vsplat(-best)
-        total = np.float32(0.0)
-        for t in range(0, n16, 16):
-            e = vexp(vadd(vload(s, g * s.shape[1] + t), neg))
-            vstore(s, g * s.shape[1] + t, e)
-            total += vsum(e)
-        for t in range(n16, n_keys):
-            e = np.exp(s[g, t] - best)
-            s[g, t] = e
-            total += e
-        inv = np.float32(1.0) / total
-        for t in range(n_keys):
-            s[g, t] *= inv
+        _softmax(s, g, n_keys)
     for c in range(nv):
         for g in range(group):
             a0 = vzero()
@@ -191,17 +199,7 @@ def _attend_row(q, kd, ks, vd, vs, tab, slot, p, sc, window, m, kvh, out, kbuf, 
                 acc += q[m, h0 + g, d] * kbuf[d]
             s[g, t] = acc * sc
     for g in range(group):
-        best = s[g, 0]
-        for t in range(1, n_keys):
-            best = max(best, s[g, t])
-        total = np.float32(0.0)
-        for t in range(n_keys):
-            e = np.exp(s[g, t] - best)
-            s[g, t] = e
-            total += e
-        inv = np.float32(1.0) / total
-        for t in range(n_keys):
-            s[g, t] *= inv
+        _softmax(s, g, n_keys)
         for d in range(dim):
             out[m, h0 + g, d] = 0.0
     for t in range(n_keys):
