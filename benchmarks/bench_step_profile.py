@@ -93,7 +93,7 @@ def main() -> None:
     with Model.load(a.model, n_ctx=max(a.p, a.n), n_threads=a.t, cpu_backend=be) as m:
         eng = m.engine
         rng = np.random.default_rng(0)
-        eng.prefill(rng.integers(0, m.n_vocab, 8).tolist())  # warm-up (compiles, repacks)
+        eng.prefill(rng.integers(0, m.n_vocab, a.p).tolist())  # warm-up: compiles (the prompt's own kernels), repacks
         eng.cache.clear()
         eng.step(1)
         install(m.n_vocab)

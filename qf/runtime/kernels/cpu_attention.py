@@ -346,12 +346,21 @@ KT = 64  # keys per tile: 4 vectors of 16 lanes
 NO_MAX = np.float32(-1e30)  # the running max before any key (finite: the kernels assume no infinities)
 
 
+@numba.njit(cache=True, fastmath=True, error_model="numpy", inline="always")
+def _store_row(a, i, v0, v1, v2, v3):
+    """a.flat[i : i + 64] = v0, v1, v2, v3."""
+    vstore(a, i, v0)
+    vstore(a, i + 16, v1)
+    vstore(a, i + 32, v2)
+    vstore(a, i + 48, v3)
+
+
 @numba.njit(cache=True, fastmath=True, error_model="numpy")
 def _flash_tile(q, kc, vc, base, n_kv, pos0, scale, window, out, r0, r1, kvh, qs, s, o, mx, lsum, alpha):
     """Query rows r0 .. r1 - 1 (positions pos0 + r) of the query heads of kv head kvh -> out, over that head's
     keys decoded to f32 from position base on (kc [D, cap]: keys transposed; vc [cap, D]: values).
 
-    Scratch: qs [R, D] (scaled queries, R = QT * group + 1 rows, row i = position i // group, head i % group),
+    Scratch: qs [R, D] (scaled queries, R = QT * group + 3 rows, row i = position i // group, head i % group),
     s [R, KT] scores / probabilities, o [R, D] running outputs, mx / lsum / alpha [R] running max, sum and
     rescale factor.
     """
@@ -360,7 +369,7 @@ def _flash_tile(q, kc, vc, base, n_kv, pos0, scale, window, out, r0, r1, kvh, qs
     cap = kc.shape[1]
     h0 = kvh * group
     rows = (r1 - r0) * group
-    rp = rows + (rows & 1)  # rows in pairs: a zero pad row when odd
+    rp = (rows + 3) // 4 * 4  # rows in fours: zero pad rows at the end
     for i in range(rp):
         mx[i] = NO_MAX
         lsum[i] = 0.0
@@ -374,8 +383,8 @@ def _flash_tile(q, kc, vc, base, n_kv, pos0, scale, window, out, r0, r1, kvh, qs
     for k0 in range(k_lo - k_lo % KT, p_last + 1, KT):
         n = min(KT, p_last + 1 - k0)
         ko = k0 - base  # this tile's first column of kc, row of vc
-        # scores of two rows at a time against the 64 keys
-        for i in range(0, rp, 2):
+        # scores of four rows at a time against the 64 keys (16 accumulators: each key vector serves 4 rows)
+        for i in range(0, rp, 4):
             a0 = vzero()
             a1 = vzero()
             a2 = vzero()
@@ -384,29 +393,43 @@ def _flash_tile(q, kc, vc, base, n_kv, pos0, scale, window, out, r0, r1, kvh, qs
             b1 = vzero()
             b2 = vzero()
             b3 = vzero()
+            c0 = vzero()
+            c1 = vzero()
+            c2 = vzero()
+            c3 = vzero()
+            e0 = vzero()
+            e1 = vzero()
+            e2 = vzero()
+            e3 = vzero()
             for d in range(dim):
                 x = vsplat(qs[i, d])
                 y = vsplat(qs[i + 1, d])
+                z = vsplat(qs[i + 2, d])
+                w = vsplat(qs[i + 3, d])
                 k = vload(kc, d * cap + ko)
                 a0 = vfma(x, k, a0)
                 b0 = vfma(y, k, b0)
+                c0 = vfma(z, k, c0)
+                e0 = vfma(w, k, e0)
                 k = vload(kc, d * cap + ko + 16)
                 a1 = vfma(x, k, a1)
                 b1 = vfma(y, k, b1)
+                c1 = vfma(z, k, c1)
+                e1 = vfma(w, k, e1)
                 k = vload(kc, d * cap + ko + 32)
                 a2 = vfma(x, k, a2)
                 b2 = vfma(y, k, b2)
+                c2 = vfma(z, k, c2)
+                e2 = vfma(w, k, e2)
                 k = vload(kc, d * cap + ko + 48)
                 a3 = vfma(x, k, a3)
                 b3 = vfma(y, k, b3)
-            vstore(s, i * KT, a0)
-            vstore(s, i * KT + 16, a1)
-            vstore(s, i * KT + 32, a2)
-            vstore(s, i * KT + 48, a3)
-            vstore(s, (i + 1) * KT, b0)
-            vstore(s, (i + 1) * KT + 16, b1)
-            vstore(s, (i + 1) * KT + 32, b2)
-            vstore(s, (i + 1) * KT + 48, b3)
+                c3 = vfma(z, k, c3)
+                e3 = vfma(w, k, e3)
+            _store_row(s, i * KT, a0, a1, a2, a3)
+            _store_row(s, (i + 1) * KT, b0, b1, b2, b3)
+            _store_row(s, (i + 2) * KT, c0, c1, c2, c3)
+            _store_row(s, (i + 3) * KT, e0, e1, e2, e3)
         # online softmax: keys lo .. hi - 1 of this tile are visible to row i
         for i in range(rp):
             p = p_first + i // group
@@ -437,10 +460,12 @@ def _flash_tile(q, kc, vc, base, n_kv, pos0, scale, window, out, r0, r1, kvh, qs
             tot = vsum(vload(s, i * KT)) + vsum(vload(s, i * KT + 16)) + vsum(vload(s, i * KT + 32)) \
                 + vsum(vload(s, i * KT + 48))
             lsum[i] = lsum[i] * alpha[i] + tot
-        # o = o * alpha + p @ v, two rows and up to 64 values of a row at a time
-        for i in range(0, rp, 2):
+        # o = o * alpha + p @ v, four rows and up to 64 values of a row at a time
+        for i in range(0, rp, 4):
             ax = vsplat(alpha[i])
             ay = vsplat(alpha[i + 1])
+            az = vsplat(alpha[i + 2])
+            aw = vsplat(alpha[i + 3])
             j = 0
             while j + 4 <= nv:
                 c = 16 * j
@@ -452,40 +477,60 @@ def _flash_tile(q, kc, vc, base, n_kv, pos0, scale, window, out, r0, r1, kvh, qs
                 b1 = vmul(vload(o, (i + 1) * dim + c + 16), ay)
                 b2 = vmul(vload(o, (i + 1) * dim + c + 32), ay)
                 b3 = vmul(vload(o, (i + 1) * dim + c + 48), ay)
+                c0 = vmul(vload(o, (i + 2) * dim + c), az)
+                c1 = vmul(vload(o, (i + 2) * dim + c + 16), az)
+                c2 = vmul(vload(o, (i + 2) * dim + c + 32), az)
+                c3 = vmul(vload(o, (i + 2) * dim + c + 48), az)
+                e0 = vmul(vload(o, (i + 3) * dim + c), aw)
+                e1 = vmul(vload(o, (i + 3) * dim + c + 16), aw)
+                e2 = vmul(vload(o, (i + 3) * dim + c + 32), aw)
+                e3 = vmul(vload(o, (i + 3) * dim + c + 48), aw)
                 for t in range(n):
                     x = vsplat(s[i, t])
                     y = vsplat(s[i + 1, t])
+                    z = vsplat(s[i + 2, t])
+                    w = vsplat(s[i + 3, t])
                     v = vload(vc, (ko + t) * dim + c)
                     a0 = vfma(x, v, a0)
                     b0 = vfma(y, v, b0)
+                    c0 = vfma(z, v, c0)
+                    e0 = vfma(w, v, e0)
                     v = vload(vc, (ko + t) * dim + c + 16)
                     a1 = vfma(x, v, a1)
                     b1 = vfma(y, v, b1)
+                    c1 = vfma(z, v, c1)
+                    e1 = vfma(w, v, e1)
                     v = vload(vc, (ko + t) * dim + c + 32)
                     a2 = vfma(x, v, a2)
                     b2 = vfma(y, v, b2)
+                    c2 = vfma(z, v, c2)
+                    e2 = vfma(w, v, e2)
                     v = vload(vc, (ko + t) * dim + c + 48)
                     a3 = vfma(x, v, a3)
                     b3 = vfma(y, v, b3)
-                vstore(o, i * dim + c, a0)
-                vstore(o, i * dim + c + 16, a1)
-                vstore(o, i * dim + c + 32, a2)
-                vstore(o, i * dim + c + 48, a3)
-                vstore(o, (i + 1) * dim + c, b0)
-                vstore(o, (i + 1) * dim + c + 16, b1)
-                vstore(o, (i + 1) * dim + c + 32, b2)
-                vstore(o, (i + 1) * dim + c + 48, b3)
+                    c3 = vfma(z, v, c3)
+                    e3 = vfma(w, v, e3)
+                _store_row(o, i * dim + c, a0, a1, a2, a3)
+                _store_row(o, (i + 1) * dim + c, b0, b1, b2, b3)
+                _store_row(o, (i + 2) * dim + c, c0, c1, c2, c3)
+                _store_row(o, (i + 3) * dim + c, e0, e1, e2, e3)
                 j += 4
             while j < nv:
                 c = 16 * j
                 a0 = vmul(vload(o, i * dim + c), ax)
                 b0 = vmul(vload(o, (i + 1) * dim + c), ay)
+                c0 = vmul(vload(o, (i + 2) * dim + c), az)
+                e0 = vmul(vload(o, (i + 3) * dim + c), aw)
                 for t in range(n):
                     v = vload(vc, (ko + t) * dim + c)
                     a0 = vfma(vsplat(s[i, t]), v, a0)
                     b0 = vfma(vsplat(s[i + 1, t]), v, b0)
+                    c0 = vfma(vsplat(s[i + 2, t]), v, c0)
+                    e0 = vfma(vsplat(s[i + 3, t]), v, e0)
                 vstore(o, i * dim + c, a0)
                 vstore(o, (i + 1) * dim + c, b0)
+                vstore(o, (i + 2) * dim + c, c0)
+                vstore(o, (i + 3) * dim + c, e0)
                 j += 1
     for i in range(rows):
         inv = np.float32(1.0) / lsum[i]
@@ -538,7 +583,7 @@ def flash_jobs(q, kd, ks, vd, vs, tab, slot, pos0, scale, window, out, c, n_par)
     keys once, as its tiles first need them (before: once per tile, ~16x on a 512-token prompt)."""
     dim = q.shape[2]
     n_kv = kd.shape[1]
-    r = QT * (q.shape[1] // n_kv) + 1
+    r = QT * (q.shape[1] // n_kv) + 3  # rows padded to a multiple of 4
     qs = np.zeros((r, dim), np.float32)
     o = np.zeros((r, dim), np.float32)
     s = np.zeros((r, KT), np.float32)
