@@ -14,10 +14,12 @@ dequantizes exactly as gguf.quants would dequantize ggml's own bytes. The decode
 from data's dtype (one compiled attention per K/V type pair in use).
 
 Two attentions: `attention_parallel` / `attention_serial` go row by row (any mix of slots and positions:
-decode steps), each row decoding its keys and values as it reads them. `attention_flash` serves a prefill
-chunk (consecutive positions of one slot): a tile of QT query positions (times the group of query heads of
-one kv head) decodes each tile of KT keys and values once, scores them with 16-lane vector products,
-and keeps a running max and sum per row (online softmax), so the work per key is shared by the whole tile.
+decode steps), each row reading its keys and values as 16-lane vectors (`load16`, decoded in registers) where
+D is a multiple of 16. `attention_flash` serves a prefill chunk (consecutive positions of one slot): each
+chunk decodes a kv head's keys and values to f32 once, as its tiles first need them; a tile of QT query
+positions (times the group of query heads of one kv head) scores KT keys at a time with 16-lane vector
+products, four rows per key vector, and keeps a running max and sum per row (online softmax), so the work per
+key is shared by the whole tile.
 """
 
 from __future__ import annotations
