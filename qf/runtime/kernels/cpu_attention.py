@@ -97,18 +97,17 @@ def load16(data, scales, tab, s, h, t, d):
 def _ov_load16(data, scales, tab, s, h, t, d):
     """Pick the 16-lane loader for the cache type at compile time."""
     dt = data.dtype
-    base = _flat
     if dt == types.float32:
-        return lambda data, scales, tab, s, h, t, d: vload(data, base(data, s, h, t) + d)
+        return lambda data, scales, tab, s, h, t, d: vload(data, _flat(data, s, h, t) + d)
     if dt == types.uint16:
-        return lambda data, scales, tab, s, h, t, d: ld_f16(data, base(data, s, h, t) + d)
+        return lambda data, scales, tab, s, h, t, d: ld_f16(data, _flat(data, s, h, t) + d)
     if dt == types.int8:
         def q8_16(data, scales, tab, s, h, t, d):
-            return vmul(ld_i8(data, base(data, s, h, t) + d), vsplat(tab[scales[s, h, t, d // QBLOCK]]))
+            return vmul(ld_i8(data, _flat(data, s, h, t) + d), vsplat(tab[scales[s, h, t, d // QBLOCK]]))
         return q8_16
     if dt == types.uint8:
         def q4_16(data, scales, tab, s, h, t, d):
-            off = base(data, s, h, t) + (d // QBLOCK) * (QBLOCK // 2)
+            off = _flat(data, s, h, t) + (d // QBLOCK) * (QBLOCK // 2)
             q = ld_bits(data, off, (d % QBLOCK) // 4, 15)  # d % 32 = 16: the high nibbles
             return vmul(vadd(q, vsplat(-8.0)), vsplat(tab[scales[s, h, t, d // QBLOCK]]))
         return q4_16
